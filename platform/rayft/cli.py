@@ -1,0 +1,166 @@
+"""The `rayft` command: parse -> spec -> one driver call -> readable output. Thin on purpose."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rayft.errors import RayftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Ray-native supervised fine-tuning: one YAML spec, any cluster size.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect the data pipeline's output.")
+app.add_typer(data_app, name="data")
+console = Console(highlight=False)
+
+SpecArg = typer.Argument(..., exists=False, help="Job spec (YAML).")
+OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. train.learning_rate=1e-4")
+ProfileOpt = typer.Option([], "--profile", "-p", help="Profile YAML overlaid on the spec (repeatable).")
+AddressOpt = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: embedded local Ray.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show worker logs.")
+
+
+def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors a user can act on are printed as one message, not a traceback."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except RayftError as exc:
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def log(message: str) -> None:
+    console.print(message, soft_wrap=True)
+
+
+def _load(spec_path: Path, overrides: Optional[list[str]], profile: list[Path]) -> Any:
+    from rayft.spec import load_spec
+
+    return load_spec(spec_path, profiles=profile, overrides=overrides or [])
+
+
+@app.command()
+@friendly
+def validate(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt) -> None:
+    """Print the fully resolved spec (defaults filled in, secrets hidden) or what is wrong."""
+    import yaml
+
+    job = _load(spec, overrides, profile)
+    from rayft.model import resolve_source
+
+    resolve_source(job.model)  # a missing model path is a spec error too
+    console.print(yaml.safe_dump(job.to_dict(), sort_keys=False).rstrip())
+    console.print(f"[green]valid[/]: gradient accumulation {job.gradient_accumulation_steps}, "
+                  f"precision {job.precision}", soft_wrap=True)
+
+
+@app.command()
+@friendly
+def train(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
+          address: Optional[str] = AddressOpt, fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming."),
+          compare: bool = typer.Option(True, "--compare/--no-compare", help="Base vs tuned on held-out prompts at the end."),
+          verbose: bool = VerboseOpt) -> None:
+    """Fine-tune as the spec says; resumes a run with the same name unless --fresh."""
+    from rayft.cluster import connect
+    from rayft.train.driver import train as run_training
+
+    job = _load(spec, overrides, profile)
+    log(f"ray: {connect(address, verbose=verbose)}")
+    summary = run_training(job, fresh=fresh, log=log)
+    print_summary(summary)
+    if compare and job.eval.before_after and job.eval.num_prompts:
+        from rayft.evaluate import before_after
+
+        log(f"eval: generating answers to {job.eval.num_prompts} held-out prompts with the base and tuned models")
+        print_comparison(before_after(job, summary))
+
+
+@app.command()
+@friendly
+def prepare(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
+            address: Optional[str] = AddressOpt, force: bool = typer.Option(False, "--force", help="Ignore the cache."),
+            verbose: bool = VerboseOpt) -> None:
+    """Run the data pipeline on Ray Data (or reuse its cache) and print its statistics."""
+    from rayft.cluster import connect
+    from rayft.data.prepare import prepare as run_prepare
+    from rayft.model import load_tokenizer, materialized_dir
+
+    job = _load(spec, overrides, profile)
+    log(f"ray: {connect(address, verbose=verbose)}")
+    prepared = run_prepare(job, load_tokenizer(job, materialized_dir(job)), force=force, log=log)
+    log(f"prepared: {prepared.root}")
+
+
+@data_app.command("preview")
+@friendly
+def data_preview(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
+                 count: int = typer.Option(3, "--count", "-n", help="Examples to show."),
+                 split: str = typer.Option("train", help="train or eval"),
+                 address: Optional[str] = AddressOpt) -> None:
+    """A few processed examples with the trained tokens highlighted, and the data statistics."""
+    from rayft.cluster import connect
+    from rayft.data.preview import preview
+
+    job = _load(spec, overrides, profile)
+    connect(address)
+    preview(job, console, count=count, split=split)
+
+
+def print_summary(summary: Any) -> None:
+    table = Table(title=f"run {summary.name}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("train loss", _num(summary.train_loss)), ("eval loss", _num(summary.eval_loss)),
+        ("steps", f"{summary.steps}" + (f" (resumed from {summary.resumed_from_step})" if summary.resumed_from_step else "")),
+        ("tokens", f"{summary.tokens:,} ({summary.trained_tokens:,} trained)"),
+        ("throughput", f"{summary.tokens_per_second:,.0f} tokens/s"),
+        ("wall time", f"{summary.total_seconds:.0f}s = {summary.startup_seconds:.0f}s start-up + "
+                      f"{summary.train_seconds:.0f}s training + {max(summary.total_seconds - summary.startup_seconds - summary.train_seconds, 0):.0f}s saving"),
+        ("checkpoint", summary.checkpoint or "-"), ("model", summary.model_dir or "-"),
+    ]
+    if summary.wandb:
+        rows.append(("wandb", summary.wandb))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+def print_comparison(comparison: Any, show: int = 12) -> None:
+    labels = list(comparison.answers)
+    table = Table(title="held-out prompts: base vs tuned", title_justify="left", show_lines=False)
+    table.add_column("prompt", max_width=48, overflow="fold")
+    table.add_column("reference", max_width=24, overflow="fold", style="green")
+    for label in labels:
+        table.add_column(label, max_width=32, overflow="fold")
+    for i, prompt in enumerate(comparison.prompts[:show]):
+        table.add_row(prompt.messages[-1]["content"], prompt.reference or "",
+                      *[comparison.answers[label][i] for label in labels])
+    console.print(table)
+    scores = Table(title=f"scores on {len(comparison.prompts)} held-out prompts", title_justify="left")
+    scores.add_column("metric")
+    for label in labels:
+        scores.add_column(label, justify="right")
+    for metric in comparison.scores[labels[0]]:
+        scores.add_row(metric, *[f"{comparison.scores[label][metric]:.1%}" for label in labels])
+    console.print(scores)
+
+
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,46 @@
+"""Connecting to Ray: an existing cluster (`--address` / RAY_ADDRESS, e.g. inside `ray job
+submit`), or an embedded local instance sized to this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from rayft.errors import ClusterError
+from rayft.train.logs import NOISY_LOGGERS, quiet_env
+
+
+def quiet_driver() -> None:
+    """Library warnings that a user cannot act on stay out of the terminal (set before the
+    libraries are imported, as some warn at import)."""
+    for name in ("ray", *NOISY_LOGGERS):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int | None = None) -> str:
+    """ray.init once; returns a description of what it connected to."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    os.environ.update({k: v for k, v in quiet_env().items() if k not in os.environ})
+    if not verbose:
+        quiet_driver()
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            # Ship this rayft to the cluster's workers: what runs there is what was submitted,
+            # whether or not the cluster's image has rayft installed.
+            package = os.path.dirname(os.path.abspath(__file__))
+            ray.init(address=address, log_to_driver=verbose, runtime_env={"py_modules": [package]},
+                     logging_level=logging.ERROR if not verbose else logging.INFO)
+            where = f"Ray cluster at {address}"
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=verbose,
+                     logging_level=logging.ERROR if not verbose else logging.INFO)
+            where = "embedded local Ray"
+    except ConnectionError as exc:
+        raise ClusterError(f"cannot connect to Ray at {address}: {exc}") from None
+    resources = ray.cluster_resources()
+    gpus = f", {resources['GPU']:g} GPU" if resources.get("GPU") else ""
+    return f"{where} ({resources.get('CPU', 0):g} CPU{gpus}, {len(ray.nodes())} node(s))"

@@ -1,0 +1,1 @@
+"""Data: sources -> canonical messages -> templates -> tokens + labels -> packed parquet."""

@@ -1,0 +1,252 @@
+"""The stages of the preprocessing pipeline, as Ray Data pieces.
+
+read (SampleSource) -> normalize + filter + dedup + split (inside the read tasks, so each record
+is parsed once and keeps its file:line) -> tokenize + mask + truncate (Encoder actors, one
+tokenizer each) -> pack (pack_rows) -> parquet. Counts of everything dropped go to one
+`Ledger` actor, which also holds the hashes for de-duplication across all tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from rayft.data.formats import to_sample
+from rayft.data.packing import pack_best_fit
+from rayft.data.quality import content_hash, drop_reason
+from rayft.data.sources import Chunk, read_chunk
+from rayft.data.templates import ChatTemplate
+from rayft.data.tokenize import Encoded, encode_conversations, encode_texts, truncate
+from rayft.errors import DataError
+from rayft.spec import DataSpec
+
+SAMPLES_SCHEMA = pa.schema([("sample_id", pa.int64()), ("split", pa.string()),
+                            ("kind", pa.string()), ("payload", pa.string())])
+TOKENS_SCHEMA = pa.schema([
+    ("split", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("seq_lengths", pa.list_(pa.int32())), ("sample_ids", pa.list_(pa.int64())),
+    ("n_tokens", pa.int32()), ("n_trained", pa.int32()), ("messages", pa.string()),
+])
+BLOCK_ROWS = 2048
+MAX_ERRORS_KEPT = 20
+
+
+def sample_id(source: int, file: int, index: int, copy: int = 0) -> int:
+    """Unique and stable per record (and per copy when a source is up-weighted): 7 bits of
+    source, 16 of file, 4 of copy and 36 of record index fill a non-negative int64."""
+    if source >= 1 << 7 or file >= 1 << 16 or copy >= 1 << 4 or index >= 1 << 36:
+        raise DataError(f"too many sources, files, copies or records for sample ids "
+                        f"(source {source}, file {file}, copy {copy}, record {index})")
+    return (source << 56) | (file << 40) | (copy << 36) | index
+
+
+@ray.remote(num_cpus=0)
+class Ledger:
+    """Counts per drop reason, examples of skipped records, and seen-hashes for dedup."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self.seen: set[int] = set()
+
+    def first_seen(self, hashes: list[int]) -> list[bool]:
+        fresh = []
+        for value in hashes:
+            fresh.append(value not in self.seen)
+            self.seen.add(value)
+        return fresh
+
+    def add(self, counts: dict[str, int], errors: list[str] = ()) -> None:
+        self.counts.update(counts)
+        room = MAX_ERRORS_KEPT - len(self.errors)
+        self.errors.extend(list(errors)[:max(room, 0)])
+
+    def summary(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "errors": list(self.errors)}
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What a read task needs to know about each source, by source index."""
+
+    format: str
+    columns: dict[str, str]
+    weight: float
+    is_eval: bool
+    max_samples: int | None
+
+
+class SampleSource(Datasource):
+    """Reads every source chunk and emits canonical samples with split and sample id."""
+
+    def __init__(self, chunks: list[Chunk], sources: list[SourceOptions], data: DataSpec, ledger: Any):
+        super().__init__()
+        self.chunks, self.sources, self.data, self.ledger = chunks, sources, data, ledger
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        tasks = []
+        for chunk in self.chunks:
+            metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=(chunk.path,), exec_stats=None)
+            tasks.append(ReadTask(lambda c=chunk: self._read(c), metadata, schema=SAMPLES_SCHEMA,
+                                  per_task_row_limit=per_task_row_limit))
+        return tasks
+
+    def _read(self, chunk: Chunk) -> Iterator[pa.Table]:
+        options, data = self.sources[chunk.source], self.data
+        rows: list[tuple[int, str, str, str, int]] = []
+        counts: Counter[str] = Counter()
+        errors: list[str] = []
+        taken = 0
+        for index, line, record in read_chunk(chunk):
+            if options.max_samples is not None and taken >= options.max_samples:
+                break
+            taken += 1
+            counts["records"] += 1
+            try:
+                if isinstance(record, DataError):
+                    raise record
+                sample = to_sample(record, options.format, options.columns, data.system_prompt, chunk.path, line)
+            except DataError as exc:
+                if data.on_error == "raise":
+                    raise
+                counts["malformed"] += 1
+                errors.append(str(exc))
+                continue
+            reason = drop_reason(sample, data.filters)
+            if reason:
+                counts[reason] += 1
+                continue
+            key = (chunk.source, chunk.file, index)
+            split = "eval" if options.is_eval else _split_of(key, data.eval_fraction)
+            kind = "text" if "text" in sample else "chat"
+            rows.append((key, split, kind, json.dumps(sample, ensure_ascii=False)))
+            if len(rows) >= BLOCK_ROWS:
+                yield self._block(rows, counts, errors, options)
+                rows, counts, errors = [], Counter(), []
+        yield self._block(rows, counts, errors, options)
+
+    def _block(self, rows: list, counts: Counter, errors: list[str], options: SourceOptions) -> pa.Table:
+        filters = self.data.filters
+        if rows and (filters.dedup or filters.near_dedup):
+            samples = [json.loads(payload) for _, _, _, payload in rows]
+            keep = np.ones(len(rows), dtype=bool)
+            if filters.dedup:
+                keep &= ray.get(self.ledger.first_seen.remote([content_hash(s) for s in samples]))
+                counts["duplicate"] += int((~keep).sum())
+            if filters.near_dedup:
+                fresh = np.array(ray.get(self.ledger.first_seen.remote(
+                    [content_hash(s, near=True) ^ 0x5A5A for s in samples])))
+                counts["near_duplicate"] += int((keep & ~fresh).sum())
+                keep &= fresh
+            rows = [row for row, kept in zip(rows, keep) if kept]
+        out: dict[str, list] = {"sample_id": [], "split": [], "kind": [], "payload": []}
+        for key, split, kind, payload in rows:
+            copies = 1 if split == "eval" else _copies(options.weight, key)
+            for copy in range(copies):
+                out["sample_id"].append(sample_id(*key, copy))
+                out["split"].append(split)
+                out["kind"].append(kind)
+                out["payload"].append(payload)
+        counts["kept"] += len(rows)
+        ray.get(self.ledger.add.remote(dict(counts), errors))
+        return pa.table(out, schema=SAMPLES_SCHEMA)
+
+
+def _unit_hash(*parts: int) -> float:
+    """A deterministic number in [0, 1) from integers (stable across processes and runs)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def _split_of(key: tuple[int, int, int], eval_fraction: float) -> str:
+    return "eval" if eval_fraction and _unit_hash(7, *key) < eval_fraction else "train"
+
+
+def _copies(weight: float, key: tuple[int, int, int]) -> int:
+    """weight 2.0 -> every record twice; 0.5 -> a seeded half; 1.5 -> once, half of them twice."""
+    whole, fraction = int(weight), weight - int(weight)
+    return whole + (1 if fraction and _unit_hash(11, *key) < fraction else 0)
+
+
+class Encoder:
+    """A Ray Data actor: canonical samples -> token rows (one tokenizer per actor)."""
+
+    def __init__(self, tokenizer: Any, template: ChatTemplate | None, data: DataSpec, ledger: Any):
+        self.tokenizer, self.template, self.data, self.ledger = tokenizer, template, data, ledger
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        samples = [json.loads(row["payload"]) for row in rows]
+        chats = [i for i, row in enumerate(rows) if row["kind"] == "chat"]
+        texts = [i for i, row in enumerate(rows) if row["kind"] == "text"]
+        encoded: dict[int, Encoded] = {}
+        if chats:
+            chat_out = encode_conversations([samples[i]["messages"] for i in chats], self.template,
+                                            self.tokenizer, self.data.train_on)
+            encoded.update(zip(chats, chat_out))
+        if texts:
+            encoded.update(zip(texts, encode_texts([samples[i]["text"] for i in texts], self.tokenizer)))
+        counts: Counter[str] = Counter()
+        out: dict[str, list] = {name: [] for name in TOKENS_SCHEMA.names}
+        limit, data = self.data.filters.max_tokens, self.data
+        for index, row in enumerate(rows):
+            sample = encoded[index]
+            if limit and len(sample.input_ids) > limit:
+                counts["too_long"] += 1
+                continue
+            fitted = truncate(sample, data.max_length, data.truncation)
+            if fitted is None:
+                counts["over_max_length"] += 1
+                continue
+            if fitted is not sample:
+                counts["truncated"] += 1
+            if fitted.n_trained == 0:
+                counts["no_trained_tokens"] += 1
+                continue
+            out["split"].append(row["split"])
+            out["input_ids"].append(fitted.input_ids)
+            out["labels"].append(fitted.labels)
+            out["seq_lengths"].append([len(fitted.input_ids)])
+            out["sample_ids"].append([row["sample_id"]])
+            out["n_tokens"].append(len(fitted.input_ids))
+            out["n_trained"].append(fitted.n_trained)
+            is_eval_chat = row["split"] == "eval" and row["kind"] == "chat"
+            out["messages"].append(json.dumps(samples[index]["messages"], ensure_ascii=False) if is_eval_chat else None)
+        if counts:
+            ray.get(self.ledger.add.remote(dict(counts)))
+        return pa.table(out, schema=TOKENS_SCHEMA)
+
+
+def pack_rows(batch: pa.Table, max_length: int) -> pa.Table:
+    """Best-fit-decreasing packing of the train rows of a window; eval rows pass unchanged."""
+    rows = batch.to_pylist()
+    train = [row for row in rows if row["split"] == "train"]
+    out: dict[str, list] = {name: [] for name in TOKENS_SCHEMA.names}
+    for row in rows:
+        if row["split"] != "train":
+            for name in TOKENS_SCHEMA.names:
+                out[name].append(row[name])
+    for bin_rows in pack_best_fit([row["n_tokens"] for row in train], max_length):
+        members = [train[i] for i in sorted(bin_rows)]  # keep the original order inside a pack
+        out["split"].append("train")
+        out["input_ids"].append([t for m in members for t in m["input_ids"]])
+        out["labels"].append([t for m in members for t in m["labels"]])
+        out["seq_lengths"].append([m["n_tokens"] for m in members])
+        out["sample_ids"].append([s for m in members for s in m["sample_ids"]])
+        out["n_tokens"].append(sum(m["n_tokens"] for m in members))
+        out["n_trained"].append(sum(m["n_trained"] for m in members))
+        out["messages"].append(None)
+    return pa.table(out, schema=TOKENS_SCHEMA)

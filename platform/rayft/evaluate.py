@@ -1,0 +1,224 @@
+"""What the fine-tune did: base and tuned answers to held-out prompts, side by side, scored.
+
+Generation runs as Ray tasks (one per model and shard of prompts), so base and tuned generate
+in parallel and a large eval set spreads over the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from rayft.spec import JobSpec
+
+SCORERS = ("exact_match", "contains", "rouge_l", "token_f1")
+
+
+@dataclass
+class Prompt:
+    messages: list[dict[str, str]]  # the conversation up to the reply to generate
+    reference: str | None
+
+
+@dataclass
+class Comparison:
+    prompts: list[Prompt]
+    answers: dict[str, list[str]]  # model label -> answers
+    stopped: dict[str, list[bool]]  # ended on their own end-of-turn token
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> metric -> mean
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [{"prompt": p.messages[-1]["content"], "reference": p.reference,
+                 **{label: answers[i] for label, answers in self.answers.items()}}
+                for i, p in enumerate(self.prompts)]
+        return {"scores": self.scores, "rows": rows}
+
+
+def held_out_prompts(prepared: Any, limit: int) -> list[Prompt]:
+    """The first `limit` eval conversations, cut before their last assistant reply."""
+    import pyarrow.parquet as pq
+
+    prompts: list[Prompt] = []
+    for path in prepared.files("eval"):
+        for value in pq.read_table(path, columns=["messages"]).column("messages").to_pylist():
+            if value is None:
+                continue
+            messages = json.loads(value)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompts.append(Prompt(messages[:last], messages[last]["content"]))
+            if len(prompts) >= limit:
+                return prompts
+    return prompts
+
+
+# ---------------------------------------------------------------------------------- scoring
+def normalize(text: str) -> str:
+    """Lowercase, no punctuation, articles or extra spaces (SQuAD-style answer normalization)."""
+    text = text.lower().strip()
+    text = "".join(ch for ch in text if ch not in string.punctuation)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over normalized tokens (longest common subsequence)."""
+    a, b = normalize(prediction).split(), normalize(reference).split()
+    if not a or not b:
+        return float(a == b)
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    from collections import Counter
+
+    a, b = normalize(prediction).split(), normalize(reference).split()
+    common = sum((Counter(a) & Counter(b)).values())
+    if not a or not b or not common:
+        return float(a == b)
+    precision, recall = common / len(a), common / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score(prediction: str, reference: str, metric: str) -> float:
+    if metric == "exact_match":
+        return float(normalize(prediction) == normalize(reference))
+    if metric == "contains":
+        return float(normalize(reference) in normalize(prediction))
+    if metric == "rouge_l":
+        return rouge_l(prediction, reference)
+    if metric == "token_f1":
+        return token_f1(prediction, reference)
+    raise ValueError(f"unknown metric {metric!r}; expected one of {SCORERS}")
+
+
+def mean_scores(answers: Sequence[str], prompts: Sequence[Prompt], metrics: Sequence[str],
+                stopped: Sequence[bool]) -> dict[str, float]:
+    pairs = [(a, p.reference) for a, p in zip(answers, prompts) if p.reference is not None]
+    out = {m: sum(score(a, r, m) for a, r in pairs) / len(pairs) for m in metrics} if pairs else {}
+    out["stop_rate"] = sum(stopped) / len(stopped) if stopped else 0.0
+    return out
+
+
+# ------------------------------------------------------------------------------- generation
+def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 64,
+             do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
+             batch_size: int = 8) -> tuple[list[str], list[bool]]:
+    """Answers to chat prompts with the tokenizer's chat template, in left-padded batches.
+    Returns the answers and whether each stopped on an end-of-turn token by itself."""
+    import torch
+
+    stop_ids = end_of_turn_ids(tokenizer)
+    tokenizer.padding_side = "left"
+    answers, stopped = [], []
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        texts = [tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True) for p in batch]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                    temperature=temperature if do_sample else None,
+                                    top_p=top_p if do_sample else None, eos_token_id=stop_ids,
+                                    pad_token_id=tokenizer.pad_token_id)
+        for row in output[:, inputs["input_ids"].shape[1]:].tolist():
+            ended = next((i for i, t in enumerate(row) if t in stop_ids), None)
+            stopped.append(ended is not None)
+            answers.append(tokenizer.decode(row[:ended], skip_special_tokens=True).strip())
+    return answers, stopped
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """EOS plus the template's end-of-turn token when it is a single token (e.g. <|im_end|>)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if tokenizer.chat_template:
+        from rayft.data.templates import ChatTemplate
+
+        marker = ChatTemplate("tokenizer", tokenizer.chat_template, tokenizer.bos_token or "",
+                              tokenizer.eos_token or "").end_of_turn().strip()
+        encoded = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+    return sorted(ids)
+
+
+def load_for_generation(base_dir: str, adapter_dir: str | None, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """A model directory (and optionally a LoRA adapter on top) -> (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir or base_dir, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    if adapter_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    return model, tokenizer
+
+
+def _generate_task(base_dir: str, adapter_dir: str | None, chat_template: str | None, prompts: list[Prompt],
+                   options: dict[str, Any]) -> tuple[list[str], list[bool]]:
+    import torch
+
+    from rayft.train.logs import quiet_worker
+
+    quiet_worker()
+    torch.set_num_threads(1)
+    model, tokenizer = load_for_generation(base_dir, adapter_dir)
+    if chat_template and not adapter_dir:
+        tokenizer.chat_template = chat_template  # the base is prompted exactly like the tuned model
+    return generate(model, tokenizer, prompts, **options)
+
+
+def compare(spec: JobSpec, models: dict[str, tuple[str, str | None]], prompts: list[Prompt],
+            chat_template: str | None, shards: int = 1) -> Comparison:
+    """Generate with each model (label -> (model dir, LoRA adapter dir or None)) on Ray tasks,
+    `shards` tasks per model, then score."""
+    import ray
+
+    options = {"max_new_tokens": spec.eval.max_new_tokens, "do_sample": spec.eval.do_sample,
+               "temperature": spec.eval.temperature, "top_p": spec.eval.top_p}
+    task = ray.remote(num_cpus=1)(_generate_task)
+    size = max(1, -(-len(prompts) // shards))
+    pieces = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    futures = {label: [task.remote(b, a, chat_template, piece, options) for piece in pieces]
+               for label, (b, a) in models.items()}
+    answers, stopped = {}, {}
+    for label, refs in futures.items():
+        results = ray.get(refs)
+        answers[label] = [a for r in results for a in r[0]]
+        stopped[label] = [s for r in results for s in r[1]]
+    comparison = Comparison(prompts, answers, stopped)
+    comparison.scores = {label: mean_scores(answers[label], prompts, spec.eval.metrics, stopped[label])
+                         for label in answers}
+    return comparison
+
+
+def before_after(spec: JobSpec, summary: Any) -> Comparison:
+    """Base vs tuned on the held-out prompts of a finished run; saved as eval.json beside it."""
+    import tempfile
+
+    from rayft import storage
+    from rayft.data.prepare import Prepared, read_stats
+
+    prepared = Prepared(summary.prepared, "", read_stats(summary.prepared) or {})
+    prompts = held_out_prompts(prepared, spec.eval.num_prompts)
+    tuned_dir = storage.download_dir(summary.model_dir, tempfile.mkdtemp(prefix="rayft-tuned-"))
+    tuned = (summary.base_model_dir, tuned_dir) if spec.method.kind != "full" else (tuned_dir, None)
+    comparison = compare(spec, {"base": (summary.base_model_dir, None), "tuned": tuned}, prompts,
+                         summary.chat_template)
+    storage.write_json(f"{summary.run_dir}/eval.json", comparison.to_dict())
+    return comparison

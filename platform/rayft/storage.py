@@ -1,0 +1,94 @@
+"""Run directories in local/NFS paths or object storage (s3://, gs://) through pyarrow's
+filesystems, the same layer Ray Train uses for checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from rayft.spec import JobSpec
+
+FINAL_METRICS = "final_metrics.json"  # a run's summary, written by rank 0 when training ends
+
+
+def storage_root(spec: JobSpec) -> str:
+    storage = spec.run.storage_path
+    return storage.rstrip("/") if "://" in storage else os.path.abspath(os.path.expanduser(storage))
+
+
+def run_dir(spec: JobSpec) -> str:
+    return f"{storage_root(spec)}/{spec.run_name}"
+
+
+def _fs(path: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, inner = _fs(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def upload_dir(local: str, target: str) -> None:
+    """Copy a local directory to `target`, replacing what was there."""
+    if "://" not in target:
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        shutil.copytree(local, target)
+        return
+    import pyarrow.fs as pafs
+
+    fs, inner = _fs(target)
+    if exists(target):
+        fs.delete_dir(inner)
+    pafs.copy_files(local, inner, destination_filesystem=fs)
+
+
+def download_dir(source: str, local: str) -> str:
+    if "://" not in source:
+        return source
+    import pyarrow.fs as pafs
+
+    fs, inner = _fs(source)
+    pafs.copy_files(inner, local, source_filesystem=fs)
+    return local
+
+
+def write_text(path: str, text: str) -> None:
+    fs, inner = _fs(path)
+    fs.create_dir(os.path.dirname(inner), recursive=True)
+    with fs.open_output_stream(inner) as out:
+        out.write(text.encode("utf-8"))
+
+
+def read_text(path: str) -> str | None:
+    fs, inner = _fs(path)
+    try:
+        with fs.open_input_stream(inner) as handle:
+            return handle.read().decode("utf-8")
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_json(path: str, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def delete_file(path: str) -> None:
+    fs, inner = _fs(path)
+    if exists(path):
+        fs.delete_file(inner)
+
+
+def delete_dir(path: str) -> None:
+    fs, inner = _fs(path)
+    if exists(path):
+        fs.delete_dir(inner)

@@ -1,0 +1,1 @@
+"""Training: the driver (TorchTrainer from a spec) and what runs on each worker."""

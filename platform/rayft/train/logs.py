@@ -1,0 +1,39 @@
+"""Keep library chatter out of what a user reads; real errors still reach the driver as
+exceptions, and `--verbose` shows worker logs in full."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+NOISY_LOGGERS = ("ray.train", "ray.data", "ray.tune", "bitsandbytes", "deepspeed", "accelerate",
+                 "torch.distributed", "datasets", "transformers", "peft", "trl", "filelock")
+
+
+def quiet_env() -> dict[str, str]:
+    """Environment for workers and the driver that turns progress bars and advisories off."""
+    return {
+        "TRANSFORMERS_VERBOSITY": "error",
+        "DATASETS_VERBOSITY": "error",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TQDM_DISABLE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_TRAIN_V2_ENABLED": "1",
+        "RAY_DEDUP_LOGS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+
+
+def quiet_worker() -> None:
+    os.environ.update(quiet_env())
+    warnings.filterwarnings("ignore")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass

@@ -1,0 +1,89 @@
+"""Progress of a run as the user sees it: rank 0 posts to a tiny actor, and the driver prints
+from it, so worker logs can stay off the terminal (and out of `ray job logs`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+import ray
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self.version = 0
+
+    def update(self, fields: dict[str, Any]) -> None:
+        self.state.update(fields)
+        self.version += 1
+
+    def read(self) -> tuple[int, dict[str, Any]]:
+        return self.version, dict(self.state)
+
+
+def describe(state: dict[str, Any]) -> str:
+    """One line: phase, step/total, losses, throughput, ETA."""
+    if state.get("phase") != "training" or "max_steps" not in state:
+        return f"train: {state.get('phase', 'starting workers')}..."
+    parts = [f"step {state.get('step', 0)}/{state['max_steps']}"]
+    if "epoch" in state:
+        parts.append(f"epoch {state['epoch']:.2f}")
+    if "loss" in state:
+        parts.append(f"loss {state['loss']:.4f}")
+    if "eval_loss" in state:
+        parts.append(f"eval_loss {state['eval_loss']:.4f}")
+    if "tokens_per_second" in state:
+        parts.append(f"{state['tokens_per_second']:.0f} tok/s")
+    if "eta_seconds" in state:
+        parts.append(f"ETA {_duration(state['eta_seconds'])}")
+    if state.get("resumed_from_step"):
+        parts.append(f"(resumed from step {state['resumed_from_step']})")
+    return "train: " + ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class ProgressPrinter:
+    """Polls the board and prints a line whenever something changed (and at most every
+    `every` seconds); quiet while nothing happens."""
+
+    def __init__(self, board: Any, log: Callable[[str], None], every: float = 2.0,
+                 waiting: Callable[[], str | None] | None = None):
+        self.board, self.log, self.every, self.waiting = board, log, every, waiting
+        self.done = threading.Event()
+        self.first_step_at: float | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "ProgressPrinter":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        seen, last_line, last_wait = -1, "", 0.0
+        while not self.done.wait(self.every):
+            try:
+                version, state = ray.get(self.board.read.remote(), timeout=5)
+            except Exception:
+                continue
+            if state.get("phase") == "training" and self.first_step_at is None:
+                self.first_step_at = time.time()
+            if version != seen:
+                seen, line = version, describe(state)
+                if line != last_line:
+                    self.log(line)
+                    last_line = line
+            elif version == 0 and self.waiting and time.time() - last_wait > 30:
+                message = self.waiting()  # e.g. "waiting for 2 more CPUs (autoscaling)"
+                if message:
+                    self.log(message)
+                last_wait = time.time()

@@ -1,0 +1,200 @@
+"""Shared fixtures: a real local Ray cluster (`ray start --head` on free ports), tiny real HF
+models built from a config with tokenizers trained on the spot, and job specs for them.
+
+Nothing here downloads anything: HF_HUB_OFFLINE and WANDB_MODE=offline are set for the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BIN = Path(sys.executable).parent
+
+os.environ.update({
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline", "WANDB_SILENT": "true", "RAY_AUTH_MODE": "token",
+    "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
+    "TQDM_DISABLE": "1",
+})
+os.environ.pop("WANDB_API_KEY", None)
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    address: str  # GCS address, for ray.init and RAY_ADDRESS
+    dashboard: str  # http address of the job server
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, "RAY_ADDRESS": self.address, **extra}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Cluster:
+    """A real Ray cluster on this machine, started with `ray start --head` and stopped after."""
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port, dashboard = free_port(), free_port()
+    ports = {flag: free_port() for flag in ("--node-manager-port", "--object-manager-port",
+                                             "--dashboard-agent-listen-port", "--metrics-export-port",
+                                             "--runtime-env-agent-port", "--dashboard-agent-grpc-port")}
+    command = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+               "--include-dashboard=true", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+               f"--temp-dir={temp}", "--disable-usage-stats",
+               *[f"{flag}={value}" for flag, value in ports.items()]]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=180)
+    cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}")
+    from rayft.cluster import connect
+
+    connect(cluster.address)
+    yield cluster
+    import ray
+
+    ray.shutdown()
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------- models
+def build_tokenizer(texts: list[str], vocab_size: int = 400) -> Any:
+    """A byte-level BPE tokenizer trained on `texts` in a second, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>",
+                                        pad_token="<pad>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def build_llama(directory: Path, tokenizer: Any, seed: int = 0, **config: Any) -> Path:
+    """A real LlamaForCausalLM (random weights) saved with its tokenizer, as from the hub."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    settings.update(config)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sample_records() -> tuple[list[dict], list[dict]]:
+    from rayft import samples
+
+    return samples.generate(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(sample_records: tuple[list[dict], list[dict]]) -> Any:
+    train, evals = sample_records
+    texts = [m["content"] for r in train + evals for m in r["messages"]]
+    return build_tokenizer(texts * 3)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
+    return build_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def stories260k() -> Path:
+    path = SHARED / "models" / "stories260K"
+    if not (path / "config.json").is_file():
+        pytest.skip("../shared/models/stories260K is not available")
+    return path
+
+
+# ----------------------------------------------------------------------------------- data
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for record in records:
+            out.write((record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory: pytest.TempPathFactory, sample_records: tuple[list[dict], list[dict]]) -> dict[str, Path]:
+    """64 training and 16 eval conversations from rayft's sample generator."""
+    train, evals = sample_records
+    root = tmp_path_factory.mktemp("chat-data")
+    return {"train": write_jsonl(root / "train.jsonl", train[:64]),
+            "eval": write_jsonl(root / "eval.jsonl", evals[:16])}
+
+
+def spec_dict(model: Path, data: dict[str, Path], storage: Path, **sections: Any) -> dict[str, Any]:
+    """A small, fast job spec; sections given as keyword arguments are merged in."""
+    from rayft.specfile import deep_merge
+
+    base = {
+        "model": {"path": str(model)},
+        "method": {"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "data": {"train": str(data["train"]), "eval": str(data["eval"]) if "eval" in data else None,
+                 "max_length": 128, "format": "messages"},
+        "train": {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "learning_rate": 1e-3,
+                  "log_every": 1, "save_every": 2, "warmup": 0},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "run": {"storage_path": str(storage), "checkpoints_to_keep": 2},
+        "eval": {"num_prompts": 4, "max_new_tokens": 8},
+    }
+    return deep_merge(base, sections)
+
+
+def write_spec(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`rayft ARGS` in a subprocess, as a user runs it."""
+    return subprocess.run([str(BIN / "rayft"), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or os.environ.copy(), cwd=cwd)
+
+
+def wait_for(predicate: Any, timeout: float = 60, every: float = 0.5) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not met in time")

@@ -1,0 +1,184 @@
+"""The job spec: loading, defaults, overlays, overrides, and every error a user can make."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+from rayft.errors import SpecError
+from rayft.spec import load_spec
+
+MINIMAL = {"model": {"path": "some-org/some-model"}, "data": {"train": "data.jsonl"}}
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_shorthands() -> None:
+    spec = load_spec(data=MINIMAL)
+    assert spec.method.kind == "lora"
+    assert spec.data.train[0].path == "data.jsonl"  # a plain string is one source
+    assert spec.gradient_accumulation_steps == 32 // (4 * 2)
+    assert spec.precision == "fp32"  # CPU default
+    assert spec.tune is None
+
+
+def test_run_name_defaults_to_file_name(tmp_path: Path) -> None:
+    path = write(tmp_path / "my-job.yaml", yaml.safe_dump(MINIMAL))
+    assert load_spec(path).run_name == "my-job"
+
+
+def test_unknown_key_names_field_file_line_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml", "model:\n  path: x\ndata:\n  train: d.jsonl\ntrain:\n  lerning_rate: 0.1\n")
+    with pytest.raises(SpecError) as error:
+        load_spec(path)
+    message = str(error.value)
+    assert f"{path}:6: train.lerning_rate: unknown key 'lerning_rate' (did you mean 'learning_rate'?)" in message
+
+
+def test_unknown_key_inside_a_list_item(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml", "model:\n  path: x\ndata:\n  train:\n    - path: a.jsonl\n      wieght: 2\n")
+    with pytest.raises(SpecError, match=r"job.yaml:6: data.train.0.wieght: unknown key 'wieght' \(did you mean 'weight'\?\)"):
+        load_spec(path)
+
+
+def test_missing_required_section(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml", "model:\n  path: x\n")
+    with pytest.raises(SpecError, match=r"job.yaml: data: required field is missing"):
+        load_spec(path)
+
+
+def test_wrong_type_names_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml", yaml.safe_dump({**MINIMAL, "train": {"epochs": "many"}}))
+    with pytest.raises(SpecError, match=r"train.epochs: Input should be a valid number"):
+        load_spec(path)
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml", "model:\n  path: x\ndata: [unclosed\n")
+    with pytest.raises(SpecError, match=r"job.yaml:\d+: not valid YAML"):
+        load_spec(path)
+
+
+def test_missing_spec_file() -> None:
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec("does/not/exist.yaml")
+
+
+def test_global_batch_must_divide_into_workers_and_micro_batches() -> None:
+    bad = {**MINIMAL, "train": {"global_batch_size": 10, "micro_batch_size": 4}, "scaling": {"num_workers": 2}}
+    with pytest.raises(SpecError) as error:
+        load_spec(data=bad)
+    message = str(error.value)
+    for field in ("train.global_batch_size=10", "train.micro_batch_size=4", "scaling.num_workers=2", "global_batch_size=16"):
+        assert field in message
+
+
+def test_global_batch_is_constant_across_worker_counts() -> None:
+    for workers, accumulation in ((1, 8), (2, 4), (4, 2), (8, 1)):
+        spec = load_spec(data={**MINIMAL, "train": {"global_batch_size": 32, "micro_batch_size": 4},
+                               "scaling": {"num_workers": workers}})
+        assert spec.gradient_accumulation_steps == accumulation
+        assert spec.train.micro_batch_size * workers * spec.gradient_accumulation_steps == 32
+
+
+def test_profile_overlay_changes_only_what_it_names(tmp_path: Path) -> None:
+    base = write(tmp_path / "base.yaml", yaml.safe_dump({**MINIMAL, "train": {"learning_rate": 0.5, "epochs": 3}}))
+    gpu = write(tmp_path / "gpu.yaml", "scaling:\n  num_workers: 8\n  use_gpu: true\n")
+    plain, overlaid = load_spec(base), load_spec(base, profiles=[gpu])
+    assert (overlaid.scaling.num_workers, overlaid.scaling.use_gpu) == (8, True)
+    assert overlaid.precision == "bf16"
+    plain_dict, overlaid_dict = plain.to_dict(), overlaid.to_dict()
+    plain_dict.pop("scaling"), overlaid_dict.pop("scaling")
+    assert plain_dict == overlaid_dict
+
+
+def test_error_in_profile_names_the_profile(tmp_path: Path) -> None:
+    base = write(tmp_path / "base.yaml", yaml.safe_dump(MINIMAL))
+    profile = write(tmp_path / "bad-profile.yaml", "scaling:\n  num_wrkers: 4\n")
+    with pytest.raises(SpecError, match=r"bad-profile.yaml:2: scaling.num_wrkers: unknown key"):
+        load_spec(base, profiles=[profile])
+
+
+def test_dotted_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    base = write(tmp_path / "base.yaml", yaml.safe_dump({**MINIMAL, "data": {"train": [{"path": "d.jsonl"}]}}))
+    spec = load_spec(base, overrides=["train.learning_rate=1e-5", "method.lora.target_modules=[q_proj,v_proj]",
+                                      "data.packing=true", "data.train.0.weight=2"])
+    assert spec.train.learning_rate == 1e-5
+    assert spec.method.lora.target_modules == ["q_proj", "v_proj"]
+    assert spec.data.packing is True
+    assert spec.data.train[0].weight == 2
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml", "model:\n  path: x\ndata:\n  train: d.jsonl\ntrain:\n  learning_rate: 1e-5\n")
+    assert load_spec(path).train.learning_rate == 1e-5
+
+
+def test_bad_override_is_named(tmp_path: Path) -> None:
+    base = write(tmp_path / "base.yaml", yaml.safe_dump(MINIMAL))
+    with pytest.raises(SpecError, match="override train.lr: train.lr: unknown key"):
+        load_spec(base, overrides=["train.lr=1"])
+    with pytest.raises(SpecError, match="not of the form key.path=value"):
+        load_spec(base, overrides=["train.learning_rate"])
+    with pytest.raises(SpecError, match="model.path is a value"):
+        load_spec(base, overrides=["model.path.sub=1"])
+
+
+def test_warmup_ratio_habit_is_translated() -> None:
+    assert load_spec(data={**MINIMAL, "train": {"warmup_ratio": 0.1}}).train.warmup == 0.1
+    assert load_spec(data={**MINIMAL, "train": {"warmup_steps": 20}}).train.warmup == 20
+    with pytest.raises(SpecError, match="either warmup or warmup_ratio"):
+        load_spec(data={**MINIMAL, "train": {"warmup_ratio": 0.1, "warmup": 0.2}})
+
+
+def test_method_combinations_rejected_before_any_worker_starts() -> None:
+    with pytest.raises(SpecError, match="fp16 needs a GPU"):
+        load_spec(data={**MINIMAL, "method": {"precision": "fp16"}})
+    with pytest.raises(SpecError, match="storage_dtype equal to compute_dtype"):
+        load_spec(data={**MINIMAL, "method": {"kind": "qlora", "deepspeed": "zero3"}})
+    ok = load_spec(data={**MINIMAL, "method": {"kind": "qlora", "deepspeed": "zero3",
+                                               "quantization": {"storage_dtype": "bfloat16"}}})
+    assert ok.method.quantization.storage_dtype == "bfloat16"
+    with pytest.raises(SpecError, match="method.deepspeed: must be one of zero2, zero3, zero3-offload"):
+        load_spec(data={**MINIMAL, "method": {"deepspeed": "zero4"}})
+
+
+def test_secrets_never_appear_in_a_printed_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-0123456789")
+    spec = load_spec(data={**MINIMAL, "tracking": {"wandb": {"tags": ["key=wandb-secret-0123456789"]}}})
+    text = yaml.safe_dump(spec.to_dict())
+    assert "wandb-secret-0123456789" not in text
+    assert "***" in text
+    assert "WANDB_API_KEY" in spec.to_dict()["run"]["forward_env"]  # passed by name, never by value
+
+
+def test_missing_model_path_is_a_spec_error() -> None:
+    from rayft.model import resolve_source
+
+    with pytest.raises(SpecError, match="model.path: no such model directory: ./models/missing"):
+        resolve_source(load_spec(data={**MINIMAL, "model": {"path": "./models/missing"}}).model)
+    with pytest.raises(SpecError, match="model.path: no such GGUF file"):
+        resolve_source(load_spec(data={**MINIMAL, "model": {"path": "/nope/model.gguf"}}).model)
+    with pytest.raises(SpecError, match="package 'no_such_pkg' is not installed"):
+        resolve_source(load_spec(data={**MINIMAL, "model": {"path": "pkg:no_such_pkg/m.gguf"}}).model)
+    hub = resolve_source(load_spec(data=MINIMAL).model)
+    assert (hub.location, hub.local) == ("some-org/some-model", False)
+
+
+def test_cli_validate_prints_resolved_spec_or_error(tmp_path: Path) -> None:
+    result = run_cli("validate", str(REPO / "configs" / "quickstart.yaml"), "train.learning_rate=0.01")
+    assert result.returncode == 0, result.stdout + result.stderr
+    resolved = yaml.safe_load(result.stdout.rsplit("valid:", 1)[0])
+    assert resolved["train"]["learning_rate"] == 0.01
+    assert resolved["scaling"]["num_workers"] == 2
+    bad = write(tmp_path / "bad.yaml", "model:\n  path: x\ndata:\n  train: d.jsonl\nscaling:\n  workers: 2\n")
+    result = run_cli("validate", str(bad))
+    assert result.returncode == 2
+    assert "bad.yaml:6: scaling.workers: unknown key 'workers'" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
