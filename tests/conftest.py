@@ -67,7 +67,10 @@ def ray_cluster() -> Cluster:
                "--include-dashboard=true", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
                f"--temp-dir={temp}", "--disable-usage-stats",
                *[f"{flag}={value}" for flag, value in ports.items()]]
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=180)
+    # The venv's bin first on PATH: job entrypoints (`python jobs/train.py`) run in the cluster's
+    # environment, which is inherited from `ray start`.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=180, env=env)
     cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}")
     from rayft.cluster import connect
 

@@ -158,6 +158,15 @@ def test_secrets_never_appear_in_a_printed_spec(monkeypatch: pytest.MonkeyPatch)
     assert "WANDB_API_KEY" in spec.to_dict()["run"]["forward_env"]  # passed by name, never by value
 
 
+def test_redaction_by_key_name_spares_ordinary_fields() -> None:
+    from rayft.specfile import redact
+
+    redacted = redact({"hf_token": "abc", "api_key": "k", "secret": "s", "max_new_tokens": 64,
+                       "trained_tokens": 5, "nested": {"wandb-api-key": "z"}})
+    assert redacted == {"hf_token": "***", "api_key": "***", "secret": "***", "max_new_tokens": 64,
+                        "trained_tokens": 5, "nested": {"wandb-api-key": "***"}}
+
+
 def test_missing_model_path_is_a_spec_error() -> None:
     from rayft.model import resolve_source
 
