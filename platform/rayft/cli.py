@@ -118,6 +118,30 @@ def data_preview(spec: Path = SpecArg, overrides: Optional[list[str]] = Override
     preview(job, console, count=count, split=split)
 
 
+k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes (KubeRay) manifests from a job spec.")
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("render")
+@friendly
+def k8s_render(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
+               image: Optional[str] = typer.Option(None, "--image", help="Image built from k8s/Dockerfile; default rayft:VERSION[-gpu]."),
+               namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Default: kubectl's current namespace."),
+               storage: Optional[str] = typer.Option(None, "--storage", help="PVC for a local run.storage_path (default rayft-runs)."),
+               output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the YAML here instead of stdout.")) -> None:
+    """A RayJob and the ConfigMap with its spec, sized by the spec: pipe into `kubectl apply -f -`."""
+    from rayft import k8s
+
+    job = _load(spec, overrides, profile)
+    text = k8s.to_yaml(k8s.render(job, spec_path=str(spec), image=image, namespace=namespace, storage=storage,
+                                  profiles=[str(p) for p in profile], overrides=overrides or []))
+    if output is None:
+        sys.stdout.write(text)  # not rich: YAML must reach kubectl unwrapped and unstyled
+    else:
+        output.write_text(text)
+        log(f"wrote {output}: kubectl apply -f {output}")
+
+
 def print_summary(summary: Any) -> None:
     table = Table(title=f"run {summary.name}", show_header=False, title_justify="left")
     table.add_column(style="bold")

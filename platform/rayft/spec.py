@@ -265,6 +265,8 @@ class JobSpec(Section):
 
     def _check_method(self) -> None:
         method, gpu = self.method, self.scaling.use_gpu
+        if self.scaling.accelerator_type and not gpu:
+            raise ValueError(f"scaling.accelerator_type={self.scaling.accelerator_type} needs scaling.use_gpu=true")
         if method.precision == "fp16" and not gpu:
             raise ValueError("method.precision=fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU")
         if method.kind == "qlora" and method.deepspeed and method.deepspeed.startswith("zero3"):

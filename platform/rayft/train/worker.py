@@ -27,7 +27,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from transformers import set_seed
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from rayft.model import load_model, load_tokenizer
+    from rayft.model import load_model, load_tokenizer, materialized_dir
 
     spec = JobSpec.model_validate(config["spec"])
     prepared = Prepared(**config["prepared"])
@@ -38,11 +38,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
 
     callbacks.post(board, rank, phase="loading model")
+    model_dir = config["model_dir"]
+    if not os.path.isdir(model_dir) and os.path.isabs(model_dir):
+        model_dir = materialized_dir(spec)  # the driver's conversion is on another node: convert here
     set_seed(spec.train.seed)  # before the model: LoRA weights are initialized from it
-    tokenizer = load_tokenizer(spec, config["model_dir"])
+    tokenizer = load_tokenizer(spec, model_dir)
     if config.get("chat_template"):
         tokenizer.chat_template = config["chat_template"]  # the template the data was rendered with
-    model = load_model(spec, config["model_dir"])
+    model = load_model(spec, model_dir)
     train_dataset, eval_dataset = load_split(prepared, "train"), load_split(prepared, "eval")
 
     output_dir = tempfile.mkdtemp(prefix=f"rayft-{spec.run_name}-rank{rank}-")
@@ -68,13 +71,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     final_eval = trainer.evaluate() if eval_dataset is not None else {}
     tokens = trainer.token_totals(world)
-    model_dir = _save_final(trainer, spec, config["run_dir"], rank)
+    final_dir = _save_final(trainer, spec, config["run_dir"], rank)
     summary = {
         "train_loss": result.training_loss, "eval_loss": final_eval.get("eval_loss"),
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
         "tokens": tokens["tokens"], "trained_tokens": tokens["trained_tokens"],
         "tokens_per_second": tokens["tokens"] / max(train_seconds, 1e-9),
-        "train_seconds": train_seconds, "model_dir": model_dir, "resumed_from_step": _step_of(resume),
+        "train_seconds": train_seconds, "model_dir": final_dir, "resumed_from_step": _step_of(resume),
     }
     if rank == 0:
         tracker.finish(summary)

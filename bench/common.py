@@ -1,0 +1,61 @@
+"""Shared by the benchmarks: where results go, and what machine produced them."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as stdlib_platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORK = Path(__file__).resolve().parent / "work"  # scratch (git-ignored)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = 0
+    try:
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    gpu = None
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {}
+    for package in ("torch", "ray", "transformers", "trl", "peft", "datasets"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1), "gpu": gpu,
+            "python": stdlib_platform.python_version(), "versions": versions,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def record(name: str, results: dict[str, Any], markdown: str) -> Path:
+    """bench/results/NAME.json (figures + machine) and NAME.md (the table a person reads)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": info, **results}, indent=2))
+    header = (f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB"
+              + (f", GPU {info['gpu']}" if info["gpu"] else ", no GPU")
+              + f"; Python {info['python']}; " + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+              + f"; {info['date']}.\n\n")
+    path = RESULTS / f"{name}.md"
+    path.write_text(header + markdown.rstrip() + "\n")
+    return path
