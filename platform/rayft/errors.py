@@ -42,27 +42,39 @@ class ClusterError(RayftError):
 
 
 def user_error_in(exc: BaseException) -> RayftError | None:
-    """The RayftError inside Ray's wrappers (RayTaskError, UserCodeException, causes)."""
+    """The RayftError inside Ray's wrappers (RayTaskError, UserCodeException, worker failures).
+
+    Ray re-raises a task's DataError as a class deriving from both RayTaskError and DataError,
+    whose message carries the remote traceback; the original (its `cause`) is what a user should
+    read, so wrappers are unwrapped before a rayft error is accepted."""
     seen: set[int] = set()
     stack: list[Any] = [exc]
+    wrapped: RayftError | None = None
     while stack:
         current = stack.pop()
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
         if isinstance(current, RayftError):
-            return current
-        stack.extend([getattr(current, "cause", None), current.__cause__, current.__context__,
-                      getattr(current, "controller_failure", None)])
+            if type(current).__module__.startswith("rayft."):
+                return _without_ray_annotations(current)
+            wrapped = wrapped or current
+        stack.extend([current.__context__, current.__cause__, getattr(current, "controller_failure", None),
+                      getattr(current, "cause", None)])
         stack.extend((getattr(current, "worker_failures", None) or {}).values())
-        if hasattr(current, "as_instanceof_cause"):
-            try:
-                stack.append(current.as_instanceof_cause())
-            except Exception:
-                pass
+    if wrapped is not None:  # only Ray's subclass was found: keep its first line, not the traceback
+        return _without_ray_annotations(DataError(str(wrapped).strip().splitlines()[-1]))
     text = str(exc)
     for marker in ("DataError: ", "SpecError: "):  # last resort: the message survived as text
         if marker in text:
             message = text.rsplit(marker, 1)[1].strip().splitlines()[0]
             return DataError(message)
     return None
+
+
+def _without_ray_annotations(error: RayftError) -> RayftError:
+    """Ray Data appends retry advice to a failed task's exception message ("Failed to apply UDF
+    transform after 1/1 attempts ..."); it does not apply to bad data, so it is cut off."""
+    text = str(error)
+    cut = text.find("\nFailed to ")
+    return type(error)(text[:cut]) if cut >= 0 else error

@@ -1,7 +1,10 @@
-"""The shape of a model, from its config alone: a local config.json, a GGUF file's header, or a
-built-in table of well-known Llama-style models, so that `rayft plan` needs no network and no
-weights. Only dense decoder models in the Llama layout (attention q/k/v/o, gated MLP
-gate/up/down, RMSNorm) are described; that covers Llama, Mistral, Qwen2/3 and SmolLM.
+"""What `rayft plan` computes on: the shape of a model, from its config alone (a local
+config.json, a GGUF file's header, or a built-in table of well-known Llama-style models, so that
+planning needs no network and no weights), the accelerators it can plan for, and the prepared
+data's token count.
+
+Only dense decoders in the Llama layout (attention q/k/v/o, gated MLP gate/up/down, RMSNorm)
+are described; that covers Llama, Mistral, Qwen2/3 and SmolLM.
 """
 
 from __future__ import annotations
@@ -166,3 +169,69 @@ def shape_from_gguf(path: str) -> ModelShape:
         tied="output.weight" not in tensors, source=path)
     key_length = field(f"{arch}.attention.key_length")
     return replace(shape, head_dim=key_length) if key_length and key_length != hidden // heads else shape
+
+
+# ------------------------------------------------------------------------------ accelerators
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    memory_gib: float
+    bf16_tflops: float  # dense, without sparsity; T4 has no bf16, so its fp16 figure
+    fp32_tflops: float
+    kind: str = "gpu"
+
+
+# Datasheet figures. A10G: the A10's datasheet figure; AWS's A10G runs lower clocks, so its
+# times are optimistic.
+ACCELERATORS = {a.name: a for a in (
+    Accelerator("A100-40G", 40, 312, 19.5), Accelerator("A100-80G", 80, 312, 19.5),
+    Accelerator("H100-80G", 80, 989, 67), Accelerator("H200", 141, 989, 67),
+    Accelerator("L4", 24, 121, 30.3), Accelerator("A10G", 24, 125, 31.2), Accelerator("T4", 16, 65, 8.1),
+)}
+# Ray's accelerator_type names; a bare "A100" may be the 40 GB one.
+ALIASES = {"A100": "A100-40G", "H100": "H100-80G", "A100-40GB": "A100-40G", "A100-80GB": "A100-80G",
+           "H100-80GB": "H100-80G", "H100-SXM": "H100-80G", "H200-141G": "H200"}
+CPU_CORE_GFLOPS = 150  # fp32 peak of one AVX-512 core (two FMA units, ~2.3 GHz)
+
+
+def accelerator(name: str, *, field: str, memory_gib: float | None = None, workers: int = 1,
+                cpus_per_worker: float = 1) -> Accelerator:
+    """A name from ACCELERATORS (or Ray's alias), or "cpu": the worker's share of this machine's
+    RAM unless `memory_gib` says otherwise."""
+    if name.lower() == "cpu":
+        if memory_gib is None:
+            import psutil
+
+            memory_gib = psutil.virtual_memory().total / 1024 ** 3 / workers
+        return Accelerator("cpu", memory_gib, 0, CPU_CORE_GFLOPS / 1000 * cpus_per_worker, "cpu")
+    key = ALIASES.get(name.upper(), name.upper())
+    found = {k.upper(): v for k, v in ACCELERATORS.items()}.get(key)
+    if found is None:
+        raise SpecError(f"unknown accelerator {name!r}; known: {', '.join(ACCELERATORS)}, cpu", field=field)
+    return replace(found, memory_gib=memory_gib or found.memory_gib)
+
+
+# ------------------------------------------------------------------------------ data size
+def prepared_stats(spec: Any) -> dict[str, int] | None:
+    """The train split's tokens and rows, if `rayft prepare` cached this spec's data (found by
+    the cache key training uses). Needs the tokenizer of a local, non-GGUF model."""
+    try:
+        from rayft.model import resolve_source
+
+        source = resolve_source(spec.model)
+        if not source.local or source.gguf_file or "://" in spec.run.storage_path:
+            return None
+        from rayft.data.prepare import cache_key, prepared_root, read_stats
+        from rayft.data.sources import expand
+        from rayft.data.templates import resolve_template
+        from rayft.model import load_tokenizer
+
+        tokenizer = load_tokenizer(spec, source.location)
+        sources = spec.data.train + (spec.data.eval or [])
+        template = (resolve_template(spec.data.template, tokenizer)
+                    if any((src.format or spec.data.format) != "text" for src in sources) else None)
+        key = cache_key(spec, tokenizer, template, [expand(src.path) for src in sources])
+        train = ((read_stats(prepared_root(spec, key)) or {}).get("splits") or {}).get("train")
+        return {"tokens": train["tokens"], "rows": train["rows"]} if train else None
+    except Exception:  # no data yet, no tokenizer: the plan goes on without a token count
+        return None

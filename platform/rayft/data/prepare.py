@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -61,7 +62,9 @@ def prepared_root(spec: JobSpec, key: str) -> str:
 
 def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False,
             log: Callable[[str], None] = print) -> Prepared:
-    """Run the pipeline on the current Ray cluster (or reuse its cached result)."""
+    """Run the pipeline on the current Ray cluster (or reuse its cached result). `tokenizer`
+    is the one `rayft.model.load_tokenizer` gives; the pipeline's actors load their own copies
+    from the same place."""
     import ray
 
     sources = spec.data.train + (spec.data.eval or [])
@@ -82,14 +85,15 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False,
               for chunk in plan_chunks(index, path, file, sources[index].split)]
     options = [stages.SourceOptions(
         format=source.format or spec.data.format, columns={**spec.data.columns, **source.columns},
-        weight=source.weight, is_eval=index >= n_train, max_samples=source.max_samples)
+        weight=source.weight, is_eval=index >= n_train, max_samples=source.max_samples,
+        eval_fraction=0.0 if spec.data.eval else spec.data.eval_fraction)
         for index, source in enumerate(sources)]
     ledger = stages.Ledger.remote()
     started = time.time()
     log(f"data: preparing {sum(map(len, files))} file(s) in {len(chunks)} read task(s) -> {root}")
     with _progress(ledger, log):
         try:
-            dataset = _pipeline(spec, tokenizer, template, chunks, options, ledger, stages)
+            dataset = _pipeline(spec, tokenizer.name_or_path, template, chunks, options, ledger, stages)
             staging = f"{root}.tmp-{os.getpid()}-{int(started)}"
             dataset.write_parquet(staging, partition_cols=["split"])
         except Exception as exc:  # Ray wraps task errors; show the user's error, not Ray's
@@ -101,7 +105,7 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False,
     return Prepared(root, key, stats)
 
 
-def _pipeline(spec, tokenizer, template, chunks, options, ledger, stages):
+def _pipeline(spec, model_dir, template, chunks, options, ledger, stages):
     import ray
 
     context = ray.data.DataContext.get_current()
@@ -110,11 +114,15 @@ def _pipeline(spec, tokenizer, template, chunks, options, ledger, stages):
     context.print_on_execution_start = False
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     dataset = ray.data.read_datasource(stages.SampleSource(chunks, options, spec.data, ledger))
-    dataset = dataset.map_batches(
-        stages.Encoder, fn_constructor_kwargs={"tokenizer": tokenizer, "template": template,
-                                               "data": spec.data, "ledger": ledger},
-        batch_size=512, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
-        num_cpus=1)
+    with warnings.catch_warnings():  # max_restarts has no named parameter; Ray warns about **kwargs
+        warnings.simplefilter("ignore")
+        dataset = dataset.map_batches(
+            stages.bound_encoder(spec, model_dir, template, ledger),
+            batch_size=512, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+            # No actor restarts: Ray Data keeps the UDF in the object store, and Ray warns on the
+            # terminal that a restart could lose it. A lost encoder fails the prepare instead; it is
+            # idempotent and cached only when complete, so rerunning the command is the recovery.
+            num_cpus=1, max_restarts=0)
     if spec.data.packing:
         # Best-fit packing needs a window of samples; bigger windows pack tighter.
         dataset = dataset.map_batches(stages.pack_rows, fn_kwargs={"max_length": spec.data.max_length},
@@ -203,7 +211,7 @@ class _progress:
                 counts = ray.get(self.ledger.summary.remote(), timeout=2)["counts"]
             except Exception:
                 return
-            if counts.get("records", 0) != last:
+            if counts.get("records", 0) not in (last, 0):
                 last = counts.get("records", 0)
                 self.log(f"data: {last:,} records read, {counts.get('kept', 0):,} kept")
 

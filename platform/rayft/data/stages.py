@@ -20,7 +20,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from rayft.data.formats import to_sample
+from rayft.data.formats import detect_format, to_sample
 from rayft.data.packing import pack_best_fit
 from rayft.data.quality import content_hash, drop_reason
 from rayft.data.sources import Chunk, read_chunk
@@ -83,6 +83,7 @@ class SourceOptions:
     weight: float
     is_eval: bool
     max_samples: int | None
+    eval_fraction: float  # of this train source held out; 0 when data.eval names eval files
 
 
 class SampleSource(Datasource):
@@ -110,6 +111,7 @@ class SampleSource(Datasource):
         counts: Counter[str] = Counter()
         errors: list[str] = []
         taken = 0
+        fmt = options.format
         for index, line, record in read_chunk(chunk):
             if options.max_samples is not None and taken >= options.max_samples:
                 break
@@ -118,7 +120,11 @@ class SampleSource(Datasource):
             try:
                 if isinstance(record, DataError):
                     raise record
-                sample = to_sample(record, options.format, options.columns, data.system_prompt, chunk.path, line)
+                if fmt == "auto" and isinstance(record, dict):
+                    # One format per source, from its first record: later records then get
+                    # precise errors ("missing field output") instead of "cannot tell the format".
+                    fmt = detect_format(record, options.columns) or "auto"
+                sample = to_sample(record, fmt, options.columns, data.system_prompt, chunk.path, line)
             except DataError as exc:
                 if data.on_error == "raise":
                     raise
@@ -130,7 +136,7 @@ class SampleSource(Datasource):
                 counts[reason] += 1
                 continue
             key = (chunk.source, chunk.file, index)
-            split = "eval" if options.is_eval else _split_of(key, data.eval_fraction)
+            split = "eval" if options.is_eval else _split_of(key, options.eval_fraction)
             kind = "text" if "text" in sample else "chat"
             rows.append((key, split, kind, json.dumps(sample, ensure_ascii=False)))
             if len(rows) >= BLOCK_ROWS:
@@ -182,10 +188,15 @@ def _copies(weight: float, key: tuple[int, int, int]) -> int:
 
 
 class Encoder:
-    """A Ray Data actor: canonical samples -> token rows (one tokenizer per actor)."""
+    """A Ray Data actor: canonical samples -> token rows (one tokenizer per actor, loaded here
+    from the model directory rather than shipped: a tokenizer is megabytes, and Ray keeps large
+    constructor arguments in the object store, where an actor restart can lose them)."""
 
-    def __init__(self, tokenizer: Any, template: ChatTemplate | None, data: DataSpec, ledger: Any):
-        self.tokenizer, self.template, self.data, self.ledger = tokenizer, template, data, ledger
+    def __init__(self, spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any):
+        from rayft.model import load_tokenizer
+
+        self.tokenizer = load_tokenizer(spec, model_dir)
+        self.template, self.data, self.ledger = template, spec.data, ledger
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -228,6 +239,16 @@ class Encoder:
         if counts:
             ray.get(self.ledger.add.remote(dict(counts)))
         return pa.table(out, schema=TOKENS_SCHEMA)
+
+
+def bound_encoder(spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any) -> type:
+    """Encoder with its arguments bound: Ray Data keeps constructor arguments in the object
+    store (and warns that actor restarts may lose them); a bound class carries them itself."""
+    class BoundEncoder(Encoder):
+        def __init__(self) -> None:
+            super().__init__(spec, model_dir, template, ledger)
+
+    return BoundEncoder
 
 
 def pack_rows(batch: pa.Table, max_length: int) -> pa.Table:

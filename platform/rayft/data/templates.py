@@ -10,7 +10,7 @@ must be a prefix of the rendered reply, and a reply must be closed by an end-of-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -102,6 +102,7 @@ class ChatTemplate:
     bos_token: str = ""
     eos_token: str = ""
     special: dict[str, str] = field(default_factory=dict)
+    supports_system: bool = True  # some templates (older Mistral, Gemma) reject or drop system turns
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return _compile(self.source).render(
@@ -145,21 +146,29 @@ def resolve_template(name: str, tokenizer: Any) -> ChatTemplate:
         eos_token=getattr(tokenizer, "eos_token", None) or "",
     )
     check_template(template)
-    return template
+    return replace(template, supports_system=_renders_system(template))
+
+
+def _renders_system(template: ChatTemplate) -> bool:
+    probe = [{"role": "system", "content": "SYS-PROBE"}, {"role": "user", "content": "U"},
+             {"role": "assistant", "content": "A"}]
+    try:
+        return "SYS-PROBE" in template.render(probe)
+    except jinja2.TemplateError:
+        return False
 
 
 def check_template(template: ChatTemplate) -> None:
     """Fail early, naming the template, if masking or stopping cannot work with it."""
     where = "data.template"
-    probe = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "USER-1"},
-             {"role": "assistant", "content": "REPLY-1"}, {"role": "user", "content": "USER-2"},
-             {"role": "assistant", "content": "REPLY-2"}]
+    probe = [{"role": "user", "content": "USER-1"}, {"role": "assistant", "content": "REPLY-1"},
+             {"role": "user", "content": "USER-2"}, {"role": "assistant", "content": "REPLY-2"}]
     try:
         full = template.render(probe)
-        prompts = [template.render(probe[:i], add_generation_prompt=True) for i in (2, 4)]
-        partial = template.render(probe[:3])
+        prompts = [template.render(probe[:i], add_generation_prompt=True) for i in (1, 3)]
+        partial = template.render(probe[:2])
     except jinja2.TemplateError as exc:
-        raise SpecError(f"template {template.name!r} fails to render a system/user/assistant "
+        raise SpecError(f"template {template.name!r} fails to render a user/assistant "
                         f"conversation: {exc}", field=where) from None
     for text in ("USER-1", "REPLY-1", "USER-2", "REPLY-2"):
         if text not in full:
@@ -170,6 +179,12 @@ def check_template(template: ChatTemplate) -> None:
             f"template {template.name!r} does not render the generation prompt "
             "(add_generation_prompt=True) as a prefix of the conversation, so assistant turns cannot "
             "be located; it needs an assistant header emitted when add_generation_prompt is set", field=where)
+    reply = partial[len(prompts[0]):]
+    if not reply.lstrip().startswith("REPLY-1"):
+        raise SpecError(
+            f"template {template.name!r} renders {reply[:reply.find('REPLY-1')]!r} before a reply that "
+            "add_generation_prompt=True does not emit (usually the assistant header), so it would be trained "
+            "as part of the reply; emit it when add_generation_prompt is set", field=where)
     if not template.end_of_turn().strip():
         raise SpecError(
             f"template {template.name!r} does not close an assistant reply with an end-of-turn "

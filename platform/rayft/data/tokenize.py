@@ -2,9 +2,11 @@
 
 An assistant reply is the text between the conversation rendered up to the reply with a
 generation prompt and rendered with the reply (so it includes the end-of-turn marker, which the
-model must learn to emit). The whole conversation is tokenized once; a token is trained when its
-character span overlaps a reply. This equals masking by re-tokenizing each prefix (the reference
-in the tests, and the fallback for tokenizers without offsets), at a fraction of the cost.
+model must learn to emit). The whole conversation is tokenized once; a token is trained when it
+starts inside a reply. This equals masking by re-tokenizing each prefix (the reference in the
+tests, and the fallback for tokenizers without offsets), at a fraction of the cost. A token
+that BPE merged across the start of a reply (the prompt's last newline with the reply's first)
+is not trained: at inference the prompt is tokenized alone and that token never occurs there.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class Encoded:
 
 def reply_spans(messages: list[dict[str, str]], template: ChatTemplate, train_on: TrainOn) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the (start, end) character spans to train on."""
+    if not template.supports_system and any(m["role"] == "system" for m in messages):
+        raise SpecError(f"template {template.name!r} does not render system messages, but the data has them "
+                        "(or data.system_prompt adds one); choose another template or drop the system turns",
+                        field="data.template")
     text = template.render(messages)
     if train_on == "everything":
         return text, [(0, len(text))]
@@ -62,7 +68,7 @@ def encode_conversations(conversations: Sequence[list[dict[str, str]]], template
         offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         trained = np.zeros(len(ids), dtype=bool)
         for start, end in spans:
-            trained |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+            trained |= (offsets[:, 0] >= start) & (offsets[:, 0] < end)
         labels = np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE)
         out.append(Encoded(list(ids), labels.tolist()))
     return out

