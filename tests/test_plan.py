@@ -161,7 +161,7 @@ def test_does_not_fit_and_each_suggestion_is_re_estimated() -> None:
     assert not plan.fits and plan.headroom_bytes < 0  # 131 GiB of bf16 weights on each GPU
     changes = {s.change: s for s in plan.suggestions}
     assert changes["DeepSpeed ZeRO-3"].fits and changes["QLoRA (4-bit base weights)"].fits
-    assert plan.suggestions[0].fits
+    assert all(s.fits for s in plan.suggestions)  # those that would not fit are left out
     for suggestion in plan.suggestions:
         changed = load_spec(data=spec.to_dict(redacted=False), overrides=suggestion.overrides)
         assert estimate(changed, tokens=0).total_bytes == suggestion.total_bytes < plan.total_bytes
@@ -172,7 +172,7 @@ def test_combined_suggestion_when_no_single_change_is_enough() -> None:
                train={"global_batch_size": 8, "micro_batch_size": 2})
     plan = estimate(spec, tokens=0)
     assert not any(s.fits for s in plan.suggestions if "+" not in s.change)
-    combined = plan.suggestions[0]
+    combined = plan.suggestions[-1]
     assert combined.fits and combined.change == "gradient checkpointing + DeepSpeed ZeRO-3"
     assert combined.overrides == ["method.gradient_checkpointing=true", "method.deepspeed=zero3"]
 
@@ -246,7 +246,7 @@ def test_torchtune_reference_points(model: str, kind: str, r: int, targets: Any,
 # - MALLOC_MMAP_THRESHOLD_ fixed: glibc maps every tensor above 128 KiB on its own and unmaps it
 #   when freed, so RSS follows the live tensors (what torch's allocator statistics give on GPU;
 #   torch has none on CPU). The plan's tensor estimate must be within 15% of it.
-# - glibc's defaults (what a worker runs with): freed heap is kept, 17-54% more here. The plan's
+# - glibc's defaults (what a worker runs with): freed heap is kept, 7-54% more here. The plan's
 #   total (tensors + margin + runtime) must cover the whole process.
 MODEL = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
          "num_key_value_heads": 4, "vocab_size": 4096, "max_position_embeddings": 1024, "tie_word_embeddings": False}
@@ -269,7 +269,7 @@ def measured_spec(model_dir: Path, method: dict[str, Any], micro: int = MICRO, l
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """All runs at once (a process each, two at a time on two cores)."""
+    """All runs at once, a process each (the two cores are shared; only timings suffer)."""
     root = tmp_path_factory.mktemp("plan-runs")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = {}

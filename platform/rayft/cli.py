@@ -13,6 +13,10 @@ from rich.table import Table
 
 from rayft.errors import RayftError
 
+from rayft.train.logs import silence_libraries
+
+silence_libraries()  # before transformers/peft pull in DeepSpeed and bitsandbytes, which warn at import
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Ray-native supervised fine-tuning: one YAML spec, any cluster size.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect the data pipeline's output.")
@@ -116,6 +120,19 @@ def data_preview(spec: Path = SpecArg, overrides: Optional[list[str]] = Override
     job = _load(spec, overrides, profile)
     connect(address)
     preview(job, console, count=count, split=split)
+
+
+@app.command()
+@friendly
+def plan(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
+         tokens: Optional[int] = typer.Option(None, "--tokens", help="Training tokens an epoch; default: the prepared data's."),
+         accelerator: Optional[str] = typer.Option(None, "--accelerator", help="A100-80G, H100-80G, H200, L4, A10G, T4 or cpu."),
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+    """Will the job fit, and how long will it take? From the model's config alone, before renting a GPU."""
+    from rayft.plan import estimate, render
+
+    result = estimate(_load(spec, overrides, profile), tokens=tokens, accelerator=accelerator)
+    console.print_json(data=result.to_dict()) if as_json else render(result, console)
 
 
 k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes (KubeRay) manifests from a job spec.")

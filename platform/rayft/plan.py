@@ -61,7 +61,7 @@ LOSS_TILE_TOKENS, LOSS_TILE_VOCAB, CPU_LOSS_BYTES_PER_ENTRY = 4096, 32768, 34
 # elements (rayft's preset); both reduce gradients in buckets of hidden^2 (HF's "auto").
 ZERO3_MAX_LIVE_PARAMS, ZERO2_ALLGATHER_ELEMENTS = 1_000_000_000, 500_000_000
 # Beyond the tensors: the allocator's fragmentation (PyTorch's caching allocator on GPU; glibc on
-# CPU keeps freed heap pages: 17-54% over the live tensors in the runs measured here) and the
+# CPU keeps freed heap pages: 7-54% over the live tensors in the runs measured here) and the
 # runtime (CUDA context, NCCL/cuBLAS workspaces; on CPU the Python/torch/transformers/Ray process,
 # 0.6 GiB measured here without Ray).
 ALLOCATOR_MARGIN = {"gpu": 0.10, "cpu": 0.35}
@@ -387,8 +387,8 @@ def _throughput(spec: JobSpec, shape: ModelShape, device: Accelerator, tokens: i
 # ------------------------------------------------------------------------------- suggestions
 def suggestions(spec: JobSpec, shape: ModelShape, device: Accelerator,
                 peft_fp32_upcast: bool = True) -> list[Suggestion]:
-    """Single changes that lower the peak, each re-estimated, least disruptive first; when none
-    fits alone, the smallest combination (in that order) that does."""
+    """The single changes that make it fit, each re-estimated, least disruptive first; when none
+    fits alone, those that help and the smallest combination (in that order) that fits."""
     def replan(overrides: list[str]) -> Plan | None:
         try:
             changed = load_spec(data=spec.to_dict(redacted=False), overrides=overrides)
@@ -418,7 +418,9 @@ def suggestions(spec: JobSpec, shape: ModelShape, device: Accelerator,
         if best and len(chosen) > 1:
             found.append(Suggestion(" + ".join(s.change for s in chosen), [o for s in chosen for o in s.overrides],
                                     best.total_bytes, best.fits))
-    return sorted(found, key=lambda s: not s.fits)  # stable: those that fit first, in candidate order
+    if any(s.fits for s in found):
+        found = [s for s in found if s.fits]
+    return found
 
 
 def _candidates(spec: JobSpec, device: Accelerator) -> list[tuple[str, list[str]]]:
@@ -504,7 +506,8 @@ def render(plan: Plan, console: Any) -> None:
         ("tokens per epoch", f"{plan.tokens:,} ({plan.tokens_source})" if plan.tokens else plan.tokens_source),
         ("optimizer steps", f"{plan.steps_per_epoch:,} an epoch, {plan.total_steps:,} in all"
                             if plan.steps_per_epoch else "-"),
-        ("time per epoch", f"{hours} at {plan.mfu:.0%} of {plan.peak_tflops:,.1f} TFLOP/s a worker"),
+        ("time per epoch", f"{hours} at {plan.mfu:.0%} of {plan.peak_tflops * 1000:,.0f} GFLOP/s a worker"
+                           if plan.peak_tflops < 1 else f"{hours} at {plan.mfu:.0%} of {plan.peak_tflops:,.0f} TFLOP/s a worker"),
     ):
         compute.add_row(key, value)
     console.print(compute)
