@@ -124,6 +124,51 @@ def data_preview(spec: Path = SpecArg, overrides: Optional[list[str]] = Override
 
 @app.command()
 @friendly
+def export(model: Path = typer.Argument(..., help="A run directory, a checkpoint, or a model directory."),
+           out: Path = typer.Option(..., "--out", "-o", help="Where to write the HF directory."),
+           merge: bool = typer.Option(False, "--merge", help="Fold a LoRA adapter into its base (QLoRA: a dequantized base).")) -> None:
+    """Save a trained model as a self-contained Hugging Face directory (safetensors)."""
+    from rayft.export import export as run_export
+
+    result = run_export(model, out, merge=merge)
+    kind = "LoRA adapter" if result.adapter else "full model" + (" (merged)" if merge else "")
+    log(f"exported {kind} -> {out}")
+
+
+@app.command()
+@friendly
+def generate(model: Path = typer.Argument(..., help="A run directory, a checkpoint, or a model directory."),
+             prompt: Optional[str] = typer.Argument(None, help="One prompt; or use --file."),
+             file: Optional[Path] = typer.Option(None, "--file", "-f", help="Prompts: .txt (one per line) or .jsonl (prompt/messages)."),
+             max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+             sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+             temperature: float = typer.Option(0.7), system: Optional[str] = typer.Option(None, help="A system prompt.")) -> None:
+    """Answer prompts with a trained model, using its chat template."""
+    from rayft.chat import prompts_from
+    from rayft.evaluate import generate as run_generate, load_trained
+
+    prompts = prompts_from(prompt, file, system)
+    loaded, tokenizer = load_trained(str(model))
+    answers, _ = run_generate(loaded, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=sample,
+                              temperature=temperature)
+    for item, answer in zip(prompts, answers):
+        console.print(f"[bold]> {item.messages[-1]['content']}[/]\n{answer}\n", soft_wrap=True)
+
+
+@app.command()
+@friendly
+def chat(model: Path = typer.Argument(..., help="A run directory, a checkpoint, or a model directory."),
+         max_new_tokens: int = typer.Option(256, "--max-new-tokens"), system: Optional[str] = typer.Option(None)) -> None:
+    """Talk to a trained model. /reset starts over, /exit (or Ctrl-D) leaves."""
+    from rayft.chat import chat_loop
+    from rayft.evaluate import load_trained
+
+    loaded, tokenizer = load_trained(str(model))
+    chat_loop(loaded, tokenizer, console, max_new_tokens=max_new_tokens, system=system)
+
+
+@app.command()
+@friendly
 def plan(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
          tokens: Optional[int] = typer.Option(None, "--tokens", help="Training tokens an epoch; default: the prepared data's."),
          accelerator: Optional[str] = typer.Option(None, "--accelerator", help="A100-80G, H100-80G, H200, L4, A10G, T4 or cpu."),

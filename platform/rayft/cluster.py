@@ -7,14 +7,13 @@ import logging
 import os
 
 from rayft.errors import ClusterError
-from rayft.train.logs import NOISY_LOGGERS, quiet_env
+from rayft.train.logs import quiet_env, silence_libraries
 
 
 def quiet_driver() -> None:
-    """Library warnings that a user cannot act on stay out of the terminal (set before the
-    libraries are imported, as some warn at import)."""
-    for name in ("ray", *NOISY_LOGGERS):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """Library warnings that a user cannot act on stay out of the terminal."""
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    silence_libraries()
 
 
 def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int | None = None) -> str:

@@ -154,30 +154,46 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def load_for_generation(base_dir: str, adapter_dir: str | None, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """A model directory (and optionally a LoRA adapter on top) -> (model, tokenizer)."""
+def load_for_generation(model_dir: str, adapter_dir: str | None = None, spec: JobSpec | None = None) -> tuple[Any, Any]:
+    """A model directory, optionally with a LoRA adapter on top -> (model, tokenizer). A QLoRA
+    adapter goes on the dequantized 4-bit base it was trained against (see export.load_base)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir or base_dir, trust_remote_code=trust_remote_code)
+    from rayft.export import load_base
+
+    trust = bool(spec and spec.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir, trust_remote_code=trust)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     if adapter_dir:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = PeftModel.from_pretrained(load_base(spec, model_dir), adapter_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust)
     return model, tokenizer
 
 
-def _generate_task(base_dir: str, adapter_dir: str | None, chat_template: str | None, prompts: list[Prompt],
-                   options: dict[str, Any]) -> tuple[list[str], list[bool]]:
+def load_trained(path: str) -> tuple[Any, Any]:
+    """Whatever `rayft export` accepts (run, checkpoint, model dir) -> (model, tokenizer)."""
+    from rayft.export import resolve_trained
+
+    trained = resolve_trained(path)
+    if trained.adapter:
+        return load_for_generation(trained.base_dir, trained.model_dir, trained.spec)
+    return load_for_generation(trained.model_dir, None, trained.spec)
+
+
+def _generate_task(model_dir: str, adapter_dir: str | None, spec: dict[str, Any], chat_template: str | None,
+                   prompts: list[Prompt], options: dict[str, Any]) -> tuple[list[str], list[bool]]:
     import torch
 
+    from rayft.spec import JobSpec as Spec
     from rayft.train.logs import quiet_worker
 
     quiet_worker()
     torch.set_num_threads(1)
-    model, tokenizer = load_for_generation(base_dir, adapter_dir)
+    model, tokenizer = load_for_generation(model_dir, adapter_dir, Spec.model_validate(spec))
     if chat_template and not adapter_dir:
         tokenizer.chat_template = chat_template  # the base is prompted exactly like the tuned model
     return generate(model, tokenizer, prompts, **options)
@@ -194,7 +210,8 @@ def compare(spec: JobSpec, models: dict[str, tuple[str, str | None]], prompts: l
     task = ray.remote(num_cpus=1)(_generate_task)
     size = max(1, -(-len(prompts) // shards))
     pieces = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-    futures = {label: [task.remote(b, a, chat_template, piece, options) for piece in pieces]
+    spec_dict = spec.model_dump(mode="json")
+    futures = {label: [task.remote(b, a, spec_dict, chat_template, piece, options) for piece in pieces]
                for label, (b, a) in models.items()}
     answers, stopped = {}, {}
     for label, refs in futures.items():

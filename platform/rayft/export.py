@@ -1,11 +1,60 @@
-"""Export: a LoRA adapter merged into its base model, saved as a plain HF directory
-(safetensors, tokenizer and chat template) that AutoModelForCausalLM loads without PEFT."""
+"""Trained models out of a run: find them, merge LoRA into the base, save a plain HF directory.
+
+A "trained model" is a run directory (its final `model/`), a Ray checkpoint directory, the HF
+checkpoint inside one, or an exported directory. It is either a LoRA adapter on a base or a
+full model. Merging folds the adapter into the base weights and saves safetensors with the
+tokenizer and chat template, which AutoModelForCausalLM loads without PEFT. For QLoRA the base
+is the 4-bit model the adapter was trained against, dequantized to the compute dtype, so the
+merged model computes what was trained.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from rayft.errors import ModelError
+from rayft.spec import JobSpec, validate_spec
+
+HF_CHECKPOINT = "checkpoint"  # the HF checkpoint inside a Ray Train checkpoint directory
+
+
+@dataclass
+class Trained:
+    model_dir: str  # an adapter directory or a full model directory
+    adapter: bool
+    spec: JobSpec | None  # the run's spec, when the model came from a run
+
+    @property
+    def base_dir(self) -> str:
+        return adapter_base(self.model_dir) if self.adapter else self.model_dir
+
+
+def resolve_trained(path: str | Path) -> Trained:
+    """A run dir, Ray checkpoint, HF checkpoint or model dir -> what is in it."""
+    path = Path(path).expanduser()
+    candidates = [path / "model", path / HF_CHECKPOINT, path]
+    for candidate in candidates:
+        if (candidate / "adapter_config.json").is_file():
+            return Trained(str(candidate), True, _run_spec(candidate))
+        if (candidate / "config.json").is_file():
+            return Trained(str(candidate), False, _run_spec(candidate))
+    raise ModelError(f"{path} holds no trained model: expected a run directory (with model/), a checkpoint, "
+                     "or a directory with adapter_config.json or config.json")
+
+
+def _run_spec(model_dir: Path) -> JobSpec | None:
+    """The spec.yaml of the run a model or checkpoint belongs to (up to three levels up)."""
+    for parent in [model_dir, *list(model_dir.parents)[:3]]:
+        if (parent / "spec.yaml").is_file():
+            return validate_spec(yaml.safe_load((parent / "spec.yaml").read_text()))
+    return None
 
 
 def adapter_base(adapter_dir: str) -> str:
@@ -13,15 +62,55 @@ def adapter_base(adapter_dir: str) -> str:
         return json.load(handle)["base_model_name_or_path"]
 
 
-def merge_adapter(adapter_dir: str, out_dir: str, dtype: Any = None) -> str:
-    """Load the base unquantized (for QLoRA: dequantized, in the compute dtype), apply the
-    adapter, fold it into the weights and save."""
+def load_base(trained_spec: JobSpec | None, base_dir: str) -> Any:
+    """The base model as the adapter saw it: for QLoRA quantized to 4 bits and dequantized."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(adapter_base(adapter_dir), dtype=dtype or torch.float32)
-    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if trained_spec is not None and trained_spec.method.kind == "qlora":
+        from rayft.model import bnb_config, disable_avx512_repack
+
+        compute = getattr(torch, trained_spec.method.quantization.compute_dtype)
+        quantized = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb_config(trained_spec),
+                                                         device_map={"": "cpu"}, dtype=compute)
+        disable_avx512_repack(quantized)
+        return quantized.dequantize().to(compute)
+    dtype = torch.float32
+    if trained_spec is not None and trained_spec.model.dtype != "auto":
+        dtype = getattr(torch, trained_spec.model.dtype)
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+
+
+def merge_adapter(adapter_dir: str, out_dir: str, spec: JobSpec | None = None) -> str:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    spec = spec or _run_spec(Path(adapter_dir))
+    base = load_base(spec, adapter_base(adapter_dir))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
+    _write_provenance(out_dir, {"merged_from": os.path.abspath(adapter_dir), "base": adapter_base(adapter_dir),
+                                "method": spec.method.kind if spec else "lora"})
     return out_dir
+
+
+def export(path: str | Path, out_dir: str | Path, *, merge: bool) -> Trained:
+    """Copy (or merge) a trained model into `out_dir` as a self-contained HF directory."""
+    trained = resolve_trained(path)
+    out_dir = str(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise ModelError(f"{out_dir} exists and is not empty; choose another --out or remove it")
+    if merge and trained.adapter:
+        merge_adapter(trained.model_dir, out_dir, trained.spec)
+        return Trained(out_dir, False, trained.spec)
+    shutil.copytree(trained.model_dir, out_dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "rng_state*", "training_args.bin"))
+    _write_provenance(out_dir, {"copied_from": os.path.abspath(trained.model_dir),
+                                "adapter": trained.adapter})
+    return Trained(out_dir, trained.adapter, trained.spec)
+
+
+def _write_provenance(out_dir: str, info: dict[str, Any]) -> None:
+    with open(os.path.join(out_dir, "rayft_export.json"), "w") as handle:
+        json.dump(info, handle, indent=2)

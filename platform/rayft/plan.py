@@ -120,14 +120,15 @@ class Plan:
 # ---------------------------------------------------------------------------------- estimate
 def estimate(spec: JobSpec, tokens: int | None = None, accelerator: str | None = None, *,
              memory_gib: float | None = None, shape: ModelShape | None = None,
-             peft_fp32_upcast: bool = True, suggest: bool = True) -> Plan:
+             peft_fp32_upcast: bool = False, suggest: bool = True) -> Plan:
     """Per-worker peak memory, FLOPs and time for `spec`, and what would make it fit.
 
     tokens: training tokens per epoch (None: the prepared data's count, if `rayft prepare` ran).
     accelerator: an ACCELERATORS name or "cpu" (None: scaling.accelerator_type, else A100-80G
     on GPU). memory_gib: the device's memory instead of the table's (for "cpu", the worker's RAM).
     peft_fp32_upcast: QLoRA as PEFT's prepare_model_for_kbit_training leaves it (embeddings, head
-    and norms in fp32); False for stacks that keep them 16-bit, like torchtune.
+    and norms in fp32). False (the default) is what rayft trains: model.keep_in_compute_dtype
+    casts them back to 16-bit, as torchtune keeps them.
     """
     shape = shape or model_shape(spec)
     name = accelerator or spec.scaling.accelerator_type or ("A100-80G" if spec.scaling.use_gpu else "cpu")
@@ -386,7 +387,7 @@ def _throughput(spec: JobSpec, shape: ModelShape, device: Accelerator, tokens: i
 
 # ------------------------------------------------------------------------------- suggestions
 def suggestions(spec: JobSpec, shape: ModelShape, device: Accelerator,
-                peft_fp32_upcast: bool = True) -> list[Suggestion]:
+                peft_fp32_upcast: bool = False) -> list[Suggestion]:
     """The single changes that make it fit, each re-estimated, least disruptive first; when none
     fits alone, those that help and the smallest combination (in that order) that fits."""
     def replan(overrides: list[str]) -> Plan | None:

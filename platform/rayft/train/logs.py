@@ -28,11 +28,24 @@ def quiet_env() -> dict[str, str]:
     }
 
 
+def errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def silence_libraries() -> None:
+    """Library loggers to errors only. Done before the libraries are imported, as some warn at
+    import; DeepSpeed resets its logger's level on import, so it gets a filter instead."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    deepspeed = logging.getLogger("DeepSpeed")
+    if errors_only not in deepspeed.filters:
+        deepspeed.addFilter(errors_only)
+
+
 def quiet_worker() -> None:
     os.environ.update(quiet_env())
     warnings.filterwarnings("ignore")
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    silence_libraries()
     try:
         import transformers
 

@@ -200,7 +200,7 @@ def _save_final(trainer: Any, spec: JobSpec, run_dir: str, rank: int) -> str:
             from rayft.export import merge_adapter
 
             merged = tempfile.mkdtemp(prefix="rayft-merged-")
-            merge_adapter(local, merged)
+            merge_adapter(local, merged, spec)
             upload_dir(merged, f"{run_dir.rstrip('/')}/model-merged")
             shutil.rmtree(merged, ignore_errors=True)
     shutil.rmtree(local, ignore_errors=True)

