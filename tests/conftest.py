@@ -6,6 +6,7 @@ Nothing here downloads anything: HF_HUB_OFFLINE and WANDB_MODE=offline are set f
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -79,8 +80,32 @@ def ray_cluster() -> Cluster:
     import ray
 
     ray.shutdown()
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    stop_cluster(temp)
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_cluster(temp_dir: str) -> int:
+    """Stop the cluster whose daemons carry `temp_dir` on their command line, with their
+    children (workers, agents). Unlike `ray stop`, which ends every Ray process on the machine,
+    this leaves other clusters (a parallel test run, a developer's own) alone."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in (p.info["cmdline"] or []))]
+    family = set(roots)
+    for process in roots:
+        try:
+            family.update(process.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for process in family:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=15)
+    for process in alive:
+        process.kill()
+    return len(family)
 
 
 # --------------------------------------------------------------------------------- models
@@ -164,6 +189,12 @@ def chat_data(tmp_path_factory: pytest.TempPathFactory, sample_records: tuple[li
             "eval": write_jsonl(root / "eval.jsonl", evals[:16])}
 
 
+# Prepared data shared by every test's runs (the cache is keyed by data, tokenizer and template),
+# so a test pays for a Ray Data pipeline only when its data is new.
+PREPARED_CACHE = Path(tempfile.mkdtemp(prefix="rayft-test-prepared-"))
+atexit.register(shutil.rmtree, PREPARED_CACHE, True)
+
+
 def spec_dict(model: Path, data: dict[str, Path], storage: Path, **sections: Any) -> dict[str, Any]:
     """A small, fast job spec; sections given as keyword arguments are merged in."""
     from rayft.specfile import deep_merge
@@ -172,7 +203,7 @@ def spec_dict(model: Path, data: dict[str, Path], storage: Path, **sections: Any
         "model": {"path": str(model)},
         "method": {"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "data": {"train": str(data["train"]), "eval": str(data["eval"]) if "eval" in data else None,
-                 "max_length": 128, "format": "messages"},
+                 "max_length": 128, "format": "messages", "cache_dir": str(PREPARED_CACHE)},
         "train": {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "learning_rate": 1e-3,
                   "log_every": 1, "save_every": 2, "warmup": 0},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},

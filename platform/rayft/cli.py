@@ -180,6 +180,63 @@ def plan(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, pr
     console.print_json(data=result.to_dict()) if as_json else render(result, console)
 
 
+JobAddressOpt = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS",
+                             help="The cluster's job server, e.g. http://HEAD:8265.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster's job server.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@app.command()
+@friendly
+def submit(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
+           address: Optional[str] = JobAddressOpt,
+           working_dir: Path = typer.Option(Path("."), "--working-dir", help="What to upload (the repository root)."),
+           wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's output until it ends."),
+           fresh: bool = typer.Option(False, "--fresh", help="Start the run over instead of resuming it.")) -> None:
+    """Run the job on a cluster through Ray's job server; the exit code is the job's."""
+    from rayft import submit as jobs
+
+    job = _load(spec, overrides, profile)
+    job_id, status = jobs.submit(job, spec, overrides=[*(overrides or []), *(["--fresh"] if fresh else [])],
+                                 profiles=profile, address=address, working_dir=working_dir, follow=wait, log=log)
+    log(f"job {job_id}: {status}")
+    raise typer.Exit(jobs.EXIT_CODES.get(status, 0) if wait else 0)
+
+
+@jobs_app.command("list")
+@friendly
+def jobs_list(address: Optional[str] = JobAddressOpt) -> None:
+    """Jobs on the cluster, oldest first."""
+    from rayft import submit as jobs
+
+    table = Table(show_header=True)
+    for column in ("job", "status", "run"):
+        table.add_column(column, no_wrap=True)  # ids are copied into other commands: keep them whole
+    table.add_column("entrypoint", overflow="fold")
+    for row in jobs.list_jobs(address):
+        table.add_row(row["job"], row["status"], row["run"], row["entrypoint"])
+    console.print(table)
+
+
+@jobs_app.command("logs")
+@friendly
+def jobs_logs(job_id: str, address: Optional[str] = JobAddressOpt,
+              follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
+    """A job's output."""
+    from rayft import submit as jobs
+
+    jobs.logs(address, job_id, follow, log=log)
+
+
+@jobs_app.command("stop")
+@friendly
+def jobs_stop(job_id: str, address: Optional[str] = JobAddressOpt) -> None:
+    """Stop a running job (its run resumes from the last checkpoint when submitted again)."""
+    from rayft import submit as jobs
+
+    log(f"job {job_id}: {jobs.stop(address, job_id)}")
+
+
 k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes (KubeRay) manifests from a job spec.")
 app.add_typer(k8s_app, name="k8s")
 

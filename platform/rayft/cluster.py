@@ -16,6 +16,19 @@ def quiet_driver() -> None:
     silence_libraries()
 
 
+def job_env() -> dict:
+    """Object-storage credentials of this environment, for every process of the job (Ray
+    Train's controller resolves the storage path too). Inside a submitted job the job's own
+    environment already has them, and Ray refuses a ray.init that sets the same keys again."""
+    from rayft.storage import CREDENTIAL_ENV
+
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return {}
+    names = [name for group in CREDENTIAL_ENV.values() for name in group]
+    env_vars = {name: os.environ[name] for name in names if name in os.environ}
+    return {"env_vars": env_vars} if env_vars else {}
+
+
 def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int | None = None) -> str:
     """ray.init once; returns a description of what it connected to."""
     import ray
@@ -31,7 +44,7 @@ def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int 
             # Ship this rayft to the cluster's workers: what runs there is what was submitted,
             # whether or not the cluster's image has rayft installed.
             package = os.path.dirname(os.path.abspath(__file__))
-            ray.init(address=address, log_to_driver=verbose, runtime_env={"py_modules": [package]},
+            ray.init(address=address, log_to_driver=verbose, runtime_env={"py_modules": [package], **job_env()},
                      logging_level=logging.ERROR if not verbose else logging.INFO)
             where = f"Ray cluster at {address}"
         else:

@@ -113,6 +113,7 @@ class DataSpec(Section):
     filters: FilterSpec = Field(default_factory=FilterSpec)
     on_error: Literal["raise", "skip"] = "raise"
     cache: bool = True
+    cache_dir: str | None = Field(None, description="Where prepared data is kept, shared by runs; default <run.storage_path>/prepared.")
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -170,10 +171,20 @@ class RunSpec(Section):
     name: str | None = Field(None, description="Defaults to the spec file's name.")
     storage_path: str = Field("./runs", description="Local/NFS path or s3:// gs:// URI shared by all nodes.")
     checkpoints_to_keep: int = Field(2, ge=1)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _plain_uri(cls, value: str) -> str:
+        if "?" in value:
+            raise ValueError("no query parameters in the URI: set the endpoint and region in the environment "
+                             "(AWS_ENDPOINT_URL, AWS_REGION), which every worker receives")
+        return value
+
     checkpoint_metric: str | None = Field("eval_loss", description="Keep the best by this metric; null keeps the latest.")
     checkpoint_mode: Literal["min", "max"] = "min"
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint; -1 retries forever.")
     save_merged: bool = Field(False, description="Also save the LoRA merged into the base model.")
+    log_samples: bool = Field(False, description="Write which samples each step trained on (samples/, per rank and attempt).")
     forward_env: list[str] = Field(
         default_factory=lambda: ["WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_MODE"],
         description="Environment variables passed by reference from the driver to the workers.",

@@ -133,6 +133,16 @@ def apply_override(data: dict[str, Any], override: str, origins: Origins) -> dic
     return data
 
 
+def differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted path, old value, new value) for every leaf that differs between two spec dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    return [] if old == new else [(path, old, new)]
+
+
 def redact(value: Any, key: str = "") -> Any:
     """A copy with secret values replaced: by key name, and by the values of secret env vars."""
     if key and SECRET_KEY.search(key) and value not in (None, "", [], {}):

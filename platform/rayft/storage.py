@@ -13,6 +13,21 @@ from rayft.spec import JobSpec
 FINAL_METRICS = "final_metrics.json"  # a run's summary, written by rank 0 when training ends
 
 
+# What processes that read or write object storage need from the environment, by URI scheme.
+CREDENTIAL_ENV = {
+    "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+           "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"),
+    "gs": ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT"),
+}
+
+
+def credential_env(path: str) -> dict[str, str]:
+    """The driver's storage credentials for `path`, to pass to workers and Ray Data tasks (by
+    value in their runtime environment, never in a file)."""
+    scheme = path.split("://", 1)[0] if "://" in path else ""
+    return {name: os.environ[name] for name in CREDENTIAL_ENV.get(scheme, ()) if name in os.environ}
+
+
 def storage_root(spec: JobSpec) -> str:
     storage = spec.run.storage_path
     return storage.rstrip("/") if "://" in storage else os.path.abspath(os.path.expanduser(storage))

@@ -38,6 +38,7 @@ class Prepared:
 def cache_key(spec: JobSpec, tokenizer: Any, template: ChatTemplate | None, files: list[list[str]]) -> str:
     data = spec.data.model_dump(mode="json")
     data.pop("cache", None)
+    data.pop("cache_dir", None)
     identity = {
         "version": PIPELINE_VERSION,
         "data": data,
@@ -55,6 +56,9 @@ def _tokenizer_identity(tokenizer: Any) -> str:
 
 
 def prepared_root(spec: JobSpec, key: str) -> str:
+    if spec.data.cache_dir:
+        base = spec.data.cache_dir if "://" in spec.data.cache_dir else os.path.abspath(spec.data.cache_dir)
+        return f"{base.rstrip('/')}/{key}"
     storage = spec.run.storage_path
     base = storage if "://" in storage else os.path.abspath(storage)
     return f"{base.rstrip('/')}/prepared/{key}"
@@ -94,8 +98,10 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False,
     with _progress(ledger, log):
         try:
             dataset = _pipeline(spec, tokenizer.name_or_path, template, chunks, options, ledger, stages)
-            staging = f"{root}.tmp-{os.getpid()}-{int(started)}"
-            dataset.write_parquet(staging, partition_cols=["split"])
+            staging = _staging_for(root, started)
+            credentials = _credentials(spec)
+            dataset.write_parquet(staging, partition_cols=["split"],
+                                  ray_remote_args={"runtime_env": {"env_vars": credentials}} if credentials else None)
         except Exception as exc:  # Ray wraps task errors; show the user's error, not Ray's
             raise (user_error_in(exc) or exc) from None
     summary = ray.get(ledger.summary.remote())
@@ -113,7 +119,9 @@ def _pipeline(spec, model_dir, template, chunks, options, ledger, stages):
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    dataset = ray.data.read_datasource(stages.SampleSource(chunks, options, spec.data, ledger))
+    # Tasks that read sources or write the result on object storage need its credentials.
+    remote = {"runtime_env": {"env_vars": credentials}} if (credentials := _credentials(spec)) else {}
+    dataset = ray.data.read_datasource(stages.SampleSource(chunks, options, spec.data, ledger), ray_remote_args=remote)
     with warnings.catch_warnings():  # max_restarts has no named parameter; Ray warns about **kwargs
         warnings.simplefilter("ignore")
         dataset = dataset.map_batches(
@@ -122,12 +130,31 @@ def _pipeline(spec, model_dir, template, chunks, options, ledger, stages):
             # No actor restarts: Ray Data keeps the UDF in the object store, and Ray warns on the
             # terminal that a restart could lose it. A lost encoder fails the prepare instead; it is
             # idempotent and cached only when complete, so rerunning the command is the recovery.
-            num_cpus=1, max_restarts=0)
+            num_cpus=1, max_restarts=0, **remote)
     if spec.data.packing:
         # Best-fit packing needs a window of samples; bigger windows pack tighter.
         dataset = dataset.map_batches(stages.pack_rows, fn_kwargs={"max_length": spec.data.max_length},
-                                      batch_size=8192, batch_format="pyarrow")
+                                      batch_size=8192, batch_format="pyarrow", **remote)
     return dataset
+
+
+def _credentials(spec: JobSpec) -> dict[str, str]:
+    from rayft.storage import credential_env
+
+    paths = [spec.run.storage_path, spec.data.cache_dir or "", *(s.path for s in spec.data.train + (spec.data.eval or []))]
+    return {k: v for path in paths for k, v in credential_env(path).items()}
+
+
+def _staging_for(root: str, started: float) -> str:
+    """Locally: a sibling directory renamed into place when complete. Object stores cannot
+    rename a directory: write in place (after clearing an incomplete attempt); stats.json,
+    written last, is what marks the result complete."""
+    if "://" not in root:
+        return f"{root}.tmp-{os.getpid()}-{int(started)}"
+    from rayft import storage
+
+    storage.delete_dir(root)
+    return root
 
 
 def _finish(staging: str, root: str, spec: JobSpec, summary: dict, seconds: float) -> dict[str, Any]:
@@ -153,10 +180,10 @@ def _finish(staging: str, root: str, spec: JobSpec, summary: dict, seconds: floa
              "packing": spec.data.packing, "max_length": spec.data.max_length}
     with fs.open_output_stream(f"{staging_path}/stats.json") as out:
         out.write(json.dumps(stats, indent=2).encode())
-    root_path = pafs.FileSystem.from_uri(root)[1] if "://" in root else root
-    if fs.get_file_info(root_path).type != pafs.FileType.NotFound:
-        fs.delete_dir(root_path)  # a forced re-prepare replaces the old result
-    fs.move(staging_path, root_path)
+    if staging != root:
+        if os.path.exists(root):
+            fs.delete_dir(root)  # a forced re-prepare replaces the old result
+        fs.move(staging_path, root)
     return stats
 
 

@@ -3,6 +3,7 @@ storage, and progress to the driver."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -66,6 +67,96 @@ class ProgressReporter(TrainerCallback):
             fields["tokens_per_second"] = self.trainer._tokens * _world() / elapsed
             fields["eta_seconds"] = (state.max_steps - state.global_step) * elapsed / done
         post(self.board, 0, **fields)
+
+
+class MetricsTimeline(TrainerCallback):
+    """Rank 0 keeps `metrics.jsonl` in the run directory: one line per log (train or eval) with
+    step, wall time, tokens and tokens/s, for reports and plots. Rewritten at every checkpoint
+    and at the end, so storage holds it even when a run dies; a resumed run keeps the lines up
+    to the step it resumed from."""
+
+    FILE = "metrics.jsonl"
+
+    def __init__(self, run_dir: str, trainer: Any, resumed_from_step: int):
+        from rayft import storage
+
+        self.path, self.trainer = f"{run_dir.rstrip('/')}/{self.FILE}", trainer
+        previous = storage.read_text(self.path) or ""
+        self.lines = [line for line in previous.splitlines()
+                      if line.strip() and json.loads(line).get("step", 0) <= resumed_from_step]
+        self.started = time.time()
+        self.offset = json.loads(self.lines[-1])["time"] if self.lines else 0.0
+        self.start_tokens = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started, self.start_tokens = time.time(), self.trainer._tokens
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        elapsed = time.time() - self.started
+        tokens = (self.trainer._tokens - self.start_tokens) * _world()
+        record = {"step": state.global_step, "time": round(self.offset + elapsed, 3), "epoch": state.epoch,
+                  "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+                  **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}}
+        self.lines.append(json.dumps(record))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.flush()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        from rayft import storage
+
+        storage.write_text(self.path, "\n".join(self.lines) + "\n")
+
+
+class SampleLog(TrainerCallback):
+    """Which samples each optimizer step trained on, per rank and attempt, as JSON lines in
+    `<run_dir>/samples/` (run.log_samples): proof that a resumed epoch neither repeats nor skips
+    a sample, and a way to find the data behind a loss spike.
+
+    The collator passes the rows' sample ids through the batch; the trainer pops them before the
+    forward and records them against the step they belong to."""
+
+    def __init__(self, run_dir: str, rank: int, attempt_step: int):
+        self.path = f"{run_dir.rstrip('/')}/samples/rank{rank}-from-step{attempt_step}.jsonl"
+        self.lines: list[str] = []
+
+    def record(self, step: int, sample_ids: list[int]) -> None:
+        self.lines.append(json.dumps({"step": step, "sample_ids": sample_ids}))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.flush()  # what a crash after this checkpoint would otherwise lose
+
+    def flush(self) -> None:
+        from rayft import storage
+
+        storage.write_text(self.path, "\n".join(self.lines) + "\n")
+
+
+class WithSampleIds:
+    """A collator that also puts the rows' sample ids into the batch (as a plain list)."""
+
+    def __init__(self, collator: Any):
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [i for feature in features for i in feature.get("sample_ids", [])]
+        batch = self.collator([{k: v for k, v in f.items() if k != "sample_ids"} for f in features])
+        batch["sample_ids"] = ids
+        return batch
+
+
+class StepThrottle(TrainerCallback):
+    """Sleeps after every optimizer step (RAYFT_TEST_STEP_SECONDS): the fault-tolerance tests use
+    it to kill a worker at a known point of a run that is otherwise over in a second."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        time.sleep(self.seconds)
 
 
 def _world() -> int:

@@ -105,7 +105,9 @@ def run_config(spec: JobSpec, callbacks: list[Any] | None = None, has_eval: bool
     from rayft.train.logs import quiet_env
 
     metric = spec.run.checkpoint_metric if has_eval or spec.run.checkpoint_metric != "eval_loss" else None
-    env = {**quiet_env(), **{name: os.environ[name] for name in spec.run.forward_env if name in os.environ}}
+    forwarded = [*spec.run.forward_env, *(name for name in os.environ if name.startswith("RAYFT_"))]
+    env = {**quiet_env(), **storage.credential_env(spec.run.storage_path),
+           **{name: os.environ[name] for name in forwarded if name in os.environ}}
     return RunConfig(
         name=spec.run_name, storage_path=storage.storage_root(spec),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.run.checkpoints_to_keep,
@@ -136,6 +138,10 @@ def train(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
         storage.delete_dir(run_dir)
     else:
         storage.delete_file(f"{run_dir}/{FINAL_METRICS}")  # a resumed run writes a new one
+        latest = latest_checkpoint(run_dir)
+        if latest:
+            check_resumable(spec, run_dir, log)
+            log(f"train: resuming {spec.run_name} from {latest} (--fresh starts over)")
     model_dir = materialized_dir(spec)
     tokenizer = load_tokenizer(spec, model_dir)
     prepared = prepare(spec, tokenizer, log=log)
@@ -183,6 +189,38 @@ def train(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
     )
     storage.write_json(f"{run_dir}/summary.json", summary.to_dict())
     return summary
+
+
+# A checkpoint only fits the model, method and data it was trained with. Scaling may change:
+# the global batch is constant, so resuming on another number of workers continues exactly.
+RESUME_MUST_MATCH = ("model", "method", "data")
+
+
+def check_resumable(spec: JobSpec, run_dir: str, log: Callable[[str], None]) -> None:
+    from rayft.errors import SpecError
+    from rayft.specfile import differences
+
+    text = storage.read_text(f"{run_dir}/spec.yaml")
+    if not text:
+        return
+    changed = differences(yaml.safe_load(text), spec.to_dict())
+    blocking = [c for c in changed if c[0].split(".")[0] in RESUME_MUST_MATCH]
+    if blocking:
+        path, old, new = blocking[0]
+        raise SpecError(f"run {spec.run_name!r} in {run_dir} has checkpoints of a different {path.split('.')[0]} "
+                        f"({path}: {old!r} -> {new!r}{f', and {len(blocking) - 1} more' if len(blocking) > 1 else ''}); "
+                        "rerun with --fresh to start over, or give the new job its own run.name", field=path)
+    if changed:
+        log("train: resuming with changes: " + ", ".join(f"{p}: {o!r} -> {n!r}" for p, o, n in changed[:6]))
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint a rerun resumes from: the latest one Ray Train registered for this run."""
+    text = storage.read_text(f"{run_dir}/checkpoint_manager_snapshot.json")
+    if not text:
+        return None
+    latest = json.loads(text).get("latest_checkpoint_result") or {}
+    return latest.get("checkpoint_dir_name")
 
 
 def _training_failed(exc: Exception) -> RayftError:

@@ -50,26 +50,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     output_dir = tempfile.mkdtemp(prefix=f"rayft-{spec.run_name}-rank{rank}-")
     args = sft_config(spec, output_dir, has_eval=eval_dataset is not None, steps=config["steps"])
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=spec.data.packing)
+    resume = _restore(ray.train.get_checkpoint(), output_dir)
+    samples = callbacks.SampleLog(config["run_dir"], rank, _step_of(resume)) if spec.run.log_samples else None
     trainer = token_counting_trainer()(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
-                                                      padding_free=spec.data.packing),
+        processing_class=tokenizer, data_collator=callbacks.WithSampleIds(collator) if samples else collator,
     )
+    trainer.sample_log = samples
+    if samples:
+        trainer.add_callback(samples)
+    if os.environ.get("RAYFT_TEST_STEP_SECONDS"):
+        trainer.add_callback(callbacks.StepThrottle(float(os.environ["RAYFT_TEST_STEP_SECONDS"])))
     trainer.add_callback(callbacks.CheckpointReporter())
     if rank == 0:
         trainer.add_callback(callbacks.ProgressReporter(board, trainer))
+        timeline = callbacks.MetricsTimeline(config["run_dir"], trainer, _step_of(resume))
+        trainer.add_callback(timeline)
         tracker = WandbTracker(spec, config["run_dir"], trial=config.get("trial"))
         trainer.add_callback(tracker)
     trainer = prepare_trainer(trainer)
 
-    resume = _restore(ray.train.get_checkpoint(), output_dir)
     callbacks.post(board, rank, phase="training", resumed_from_step=_step_of(resume))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - started
 
     final_eval = trainer.evaluate() if eval_dataset is not None else {}
+    if samples:
+        samples.flush()
     tokens = trainer.token_totals(world)
     final_dir = _save_final(trainer, spec, config["run_dir"], rank)
     summary = {
@@ -80,6 +89,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "train_seconds": train_seconds, "model_dir": final_dir, "resumed_from_step": _step_of(resume),
     }
     if rank == 0:
+        timeline.flush()  # with the final evaluation, logged after on_train_end
         tracker.finish(summary)
         # Ray keeps only checkpoint-attached metrics in the result; the summary goes to storage.
         from rayft.storage import write_json
@@ -122,6 +132,8 @@ def sft_config(spec: JobSpec, output_dir: str, *, has_eval: bool, steps: dict[st
         report_to="none",
         disable_tqdm=True,
         dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, masked and packed by `prepare`
+        # The collator picks the columns it needs; with run.log_samples it also reads sample_ids.
+        remove_unused_columns=not spec.run.log_samples,
         max_length=spec.data.max_length,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
@@ -146,14 +158,22 @@ def token_counting_trainer() -> type:
 
         _tokens = 0
         _trained = 0
+        sample_log: Any = None
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            ids = inputs.pop("sample_ids", None)
+            if ids is not None and self.sample_log is not None:
+                self.sample_log.record(self.state.global_step + 1, ids)  # the step this batch ends in
             labels = inputs.get("labels")
             if labels is not None:
                 mask = inputs.get("attention_mask")
                 self._tokens += int(mask.sum()) if mask is not None else int(labels.numel())
                 self._trained += int((labels != -100).sum())
             return super().training_step(model, inputs, *args, **kwargs)
+
+        def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            inputs.pop("sample_ids", None)
+            return super().prediction_step(model, inputs, *args, **kwargs)
 
         def token_totals(self, world: int) -> dict[str, int]:
             import torch

@@ -1,0 +1,135 @@
+"""Fault tolerance on a real cluster: a worker killed with SIGKILL mid-epoch, a driver killed
+and the command rerun, `--fresh`. Steps are throttled (RAYFT_TEST_STEP_SECONDS) so the kills
+land between known checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import BIN, run_cli, spec_dict, wait_for, write_spec
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8  # one epoch: 64 samples / global batch 8
+SAVE_EVERY = 2
+STEP_SECONDS = 1.0  # two steps (2 s) between checkpoints: a kill after one lands before the next
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return None
+    try:
+        return (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except json.JSONDecodeError:  # being rewritten
+        return None
+
+
+def train_workers_alive() -> list[Any]:
+    from ray.util.state import list_actors
+
+    return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+
+
+def start_training(spec: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "rayft"), "train", str(spec), "--no-compare"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture
+def job(ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path):
+    def make(name: str, workers: int, **run: Any) -> tuple[Path, Path]:
+        spec = spec_dict(tiny_llama, chat_data, tmp_path / "runs", scaling={"num_workers": workers},
+                         train={"max_steps": None, "epochs": 1, "save_every": SAVE_EVERY},
+                         run={"name": name, "checkpoints_to_keep": 2, "checkpoint_metric": None, **run},
+                         eval={"before_after": False})
+        return write_spec(tmp_path / f"{name}.yaml", spec), tmp_path / "runs" / name
+    return make
+
+
+def test_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_exactly(job, ray_cluster: Any) -> None:
+    spec, run_dir = job("worker-kill", workers=2, max_failures=1, log_samples=True)
+    process = start_training(spec, ray_cluster.env(RAYFT_TEST_STEP_SECONDS=str(STEP_SECONDS)))
+    try:
+        wait_for(lambda: latest_checkpoint(run_dir) == "checkpoint_000004", timeout=240, every=0.1)
+        victim = train_workers_alive()[-1]
+        os.kill(victim.pid, signal.SIGKILL)
+        output, _ = process.communicate(timeout=400)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    assert summary["resumed_from_step"] == 4  # lost only the steps after checkpoint 4
+    assert "resumed from step 4" in output
+
+    # Exact mid-epoch resume: the steps kept from the first attempt plus the steps of the second
+    # cover every training sample of the epoch exactly once.
+    before = [json.loads(line) for path in run_dir.glob("samples/rank*-from-step0.jsonl")
+              for line in path.read_text().splitlines() if line]
+    after = [json.loads(line) for path in run_dir.glob("samples/rank*-from-step4.jsonl")
+             for line in path.read_text().splitlines() if line]
+    assert before and after and min(r["step"] for r in after) == 5 and max(r["step"] for r in after) == STEPS
+    trained = [i for r in before if r["step"] <= 4 for i in r["sample_ids"]] + [i for r in after for i in r["sample_ids"]]
+    assert len(trained) == len(set(trained)) == 64, "a sample was repeated or skipped across the restart"
+    # ... and those are exactly the prepared training set
+    import pyarrow.parquet as pq
+
+    prepared = json.loads(Path(summary["prepared"], "stats.json").read_text())
+    every = {i for ids in pq.read_table(prepared["files"]["train"], columns=["sample_ids"]).column("sample_ids").to_pylist()
+             for i in ids}
+    assert set(trained) == every
+
+
+def test_killed_driver_then_the_same_command_resumes_and_fresh_starts_over(job, ray_cluster: Any) -> None:
+    spec, run_dir = job("driver-kill", workers=1)
+    process = start_training(spec, ray_cluster.env(RAYFT_TEST_STEP_SECONDS=str(STEP_SECONDS)))
+    try:
+        wait_for(lambda: latest_checkpoint(run_dir) == "checkpoint_000004", timeout=240, every=0.1)
+        process.kill()  # SIGKILL: no cleanup, as when a laptop sleeps or a pod is evicted
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    wait_for(lambda: not train_workers_alive(), timeout=120)  # Ray reaps the dead driver's workers
+    assert not (run_dir / "summary.json").exists()
+
+    rerun = run_cli("train", str(spec), "--no-compare", env=ray_cluster.env())
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:]
+    assert "resuming driver-kill from checkpoint_000004" in rerun.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["steps"], summary["resumed_from_step"]) == (STEPS, 4)
+    # the metrics timeline has each step once, across both attempts
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if line and "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
+
+    fresh = run_cli("train", str(spec), "--no-compare", "--fresh", env=ray_cluster.env())
+    assert fresh.returncode == 0, fresh.stdout[-3000:]
+    assert "resuming" not in fresh.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["steps"], summary["resumed_from_step"]) == (STEPS, 0)
+
+
+def test_resuming_with_another_model_method_or_data_is_refused(job, ray_cluster: Any, tmp_path: Path) -> None:
+    import yaml
+
+    spec, run_dir = job("changed", workers=1)
+    first = run_cli("train", str(spec), "--no-compare", "train.max_steps=2", env=ray_cluster.env())
+    assert first.returncode == 0, first.stdout[-2000:]
+    changed = run_cli("train", str(spec), "--no-compare", "method.lora.r=8", env=ray_cluster.env())
+    assert changed.returncode == 2
+    assert "has checkpoints of a different method (method.lora.r: 4 -> 8)" in changed.stdout
+    assert "--fresh" in changed.stdout and "Traceback" not in changed.stdout + changed.stderr
+    # more workers (same global batch) is a change it resumes through
+    scaled = run_cli("train", str(spec), "--no-compare", "train.max_steps=4", "scaling.num_workers=2", env=ray_cluster.env())
+    assert scaled.returncode == 0, scaled.stdout[-3000:]
+    assert "resuming with changes: scaling.num_workers: 1 -> 2" in scaled.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] == 2
