@@ -84,11 +84,15 @@ def train(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, p
     log(f"ray: {connect(address, verbose=verbose)}")
     summary = run_training(job, fresh=fresh, log=log)
     print_summary(summary)
-    if compare and job.eval.before_after and job.eval.num_prompts:
+    if compare and job.eval.before_after:
         from rayft.evaluate import before_after
 
-        log(f"eval: generating answers to {job.eval.num_prompts} held-out prompts with the base and tuned models")
-        print_comparison(before_after(job, summary))
+        log(f"eval: held-out loss and answers to {job.eval.num_prompts} held-out prompts, base and tuned models")
+        comparison = before_after(job, summary)
+        print_held_out_loss(comparison)
+        if comparison.prompts:
+            print_comparison(comparison)
+    print_report(summary.run_dir)
 
 
 @app.command()
@@ -178,6 +182,66 @@ def plan(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, pr
 
     result = estimate(_load(spec, overrides, profile), tokens=tokens, accelerator=accelerator)
     console.print_json(data=result.to_dict()) if as_json else render(result, console)
+
+
+@app.command("eval")
+@friendly
+def eval_(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
+          checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A run, checkpoint or model directory to evaluate; default: the spec's finished run."),
+          harness_task: list[str] = typer.Option([], "--harness-task", help="lm-evaluation-harness task to run on base and tuned (repeatable; needs lm-eval)."),
+          harness_include: Optional[Path] = typer.Option(None, "--harness-include", help="A directory of lm-eval task YAML files."),
+          harness_limit: Optional[int] = typer.Option(None, "--harness-limit", help="At most this many examples a harness task."),
+          address: Optional[str] = AddressOpt, verbose: bool = VerboseOpt) -> None:
+    """Base vs tuned on the held-out data: loss, perplexity, answers and their scores; then the report."""
+    from rayft.cluster import connect
+    from rayft.evaluate import evaluate_run
+
+    job = _load(spec, overrides, profile)
+    log(f"ray: {connect(address, verbose=verbose)}")
+    comparison, saved = evaluate_run(job, checkpoint, log=log)
+    print_held_out_loss(comparison)
+    if comparison.prompts:
+        print_comparison(comparison)
+    log(f"eval: saved {saved}")
+    if harness_task:
+        from rayft.lm_harness import evaluate_run_on_tasks
+
+        results, saved = evaluate_run_on_tasks(job, harness_task, checkpoint,
+                                               include_path=str(harness_include) if harness_include else None,
+                                               limit=harness_limit)
+        console.print_json(data=results)
+        log(f"eval: saved {saved}")
+    if checkpoint is None:  # the report describes the run's final model
+        from rayft import storage
+
+        print_report(storage.run_dir(job))
+
+
+@app.command()
+@friendly
+def report(run: str = typer.Argument(..., help="A run directory (<run.storage_path>/<run.name>), local or s3:// gs://.")) -> None:
+    """Rebuild a run's report: <run>/report/report.md, report.html and the PNG plots."""
+    print_report(run)
+
+
+def print_report(run_dir: str) -> None:
+    from rayft.report import build_report
+
+    result = build_report(run_dir)
+    log(f"report: {result.markdown}\nreport: {result.html}")
+    log(f"[bold yellow]overfitting[/]: {result.overfitting}" if result.overfitting else "overfitting: not flagged")
+
+
+def print_held_out_loss(comparison: Any) -> None:
+    if not comparison.loss:
+        log("eval: the data has no held-out split, so no eval loss")
+        return
+    table = Table(title="held-out loss: base vs tuned, on the same tokens", title_justify="left")
+    for column in ("model", "loss", "perplexity", "rows", "trained tokens"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, result in comparison.loss.items():
+        table.add_row(label, f"{result.loss:.4f}", f"{result.perplexity:.3f}", f"{result.rows:,}", f"{result.tokens:,}")
+    console.print(table)
 
 
 JobAddressOpt = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS",

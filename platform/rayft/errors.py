@@ -37,6 +37,10 @@ class ModelError(RayftError):
     """A model or tokenizer that cannot be found or loaded."""
 
 
+class RunNotFound(RayftError):
+    """A path that holds none of a run's files."""
+
+
 class ClusterError(RayftError):
     """The cluster cannot run the job as specified (missing resources, unreachable address)."""
 

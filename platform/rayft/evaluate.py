@@ -1,4 +1,5 @@
-"""What the fine-tune did: base and tuned answers to held-out prompts, side by side, scored.
+"""What the fine-tune did: base and tuned answers to held-out prompts, side by side, scored,
+and both models' loss and perplexity on the held-out split (see `rayft.eval_loss`).
 
 Generation runs as Ray tasks (one per model and shard of prompts), so base and tuned generate
 in parallel and a large eval set spreads over the cluster.
@@ -10,8 +11,10 @@ import json
 import re
 import string
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from rayft.errors import ModelError
+from rayft.eval_loss import HeldOutLoss
 from rayft.spec import JobSpec
 
 SCORERS = ("exact_match", "contains", "rouge_l", "token_f1")
@@ -29,12 +32,14 @@ class Comparison:
     answers: dict[str, list[str]]  # model label -> answers
     stopped: dict[str, list[bool]]  # ended on their own end-of-turn token
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> metric -> mean
+    loss: dict[str, HeldOutLoss] = field(default_factory=dict)  # label -> held-out loss, perplexity
 
     def to_dict(self) -> dict[str, Any]:
         rows = [{"prompt": p.messages[-1]["content"], "reference": p.reference,
                  **{label: answers[i] for label, answers in self.answers.items()}}
                 for i, p in enumerate(self.prompts)]
-        return {"scores": self.scores, "rows": rows}
+        return {"scores": self.scores, "rows": rows,
+                "loss": {label: result.to_dict() for label, result in self.loss.items()}}
 
 
 def held_out_prompts(prepared: Any, limit: int) -> list[Prompt]:
@@ -156,7 +161,9 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 
 def load_for_generation(model_dir: str, adapter_dir: str | None = None, spec: JobSpec | None = None) -> tuple[Any, Any]:
     """A model directory, optionally with a LoRA adapter on top -> (model, tokenizer). A QLoRA
-    adapter goes on the dequantized 4-bit base it was trained against (see export.load_base)."""
+    adapter goes on the dequantized 4-bit base it was trained against (see export.load_base).
+    With a spec, a plain model loads in the dtype an adapter's base gets, so that base and
+    tuned models of one run compute alike."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rayft.export import load_base
@@ -170,8 +177,16 @@ def load_for_generation(model_dir: str, adapter_dir: str | None = None, spec: Jo
 
         model = PeftModel.from_pretrained(load_base(spec, model_dir), adapter_dir)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust, dtype=_dtype(spec))
     return model, tokenizer
+
+
+def _dtype(spec: JobSpec | None) -> Any:
+    import torch
+
+    if spec is None:
+        return "auto"
+    return torch.float32 if spec.model.dtype == "auto" else getattr(torch, spec.model.dtype)
 
 
 def load_trained(path: str) -> tuple[Any, Any]:
@@ -184,30 +199,64 @@ def load_trained(path: str) -> tuple[Any, Any]:
     return load_for_generation(trained.model_dir, None, trained.spec)
 
 
+def task_device() -> str:
+    """Inside a Ray task: the GPU Ray gave it (CUDA_VISIBLE_DEVICES), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_on_this_node(model_dir: str, adapter_dir: str | None, spec: dict[str, Any]) -> tuple[Any, Any]:
+    """load_for_generation inside a Ray task, which may run on another node than the driver: a
+    model in object storage is downloaded here, and a base that the driver converted into its
+    local cache (e.g. from GGUF) is converted here too, as training workers do."""
+    import os
+    import tempfile
+
+    from rayft import storage
+    from rayft.model import materialized_dir, model_cache_root
+
+    job = JobSpec.model_validate(spec)
+    if not os.path.isdir(model_dir) and model_dir.startswith(model_cache_root(job)):
+        model_dir = materialized_dir(job)
+    if adapter_dir and "://" in adapter_dir:
+        adapter_dir = storage.download_dir(adapter_dir, tempfile.mkdtemp(prefix="rayft-adapter-"))
+    elif "://" in model_dir:
+        model_dir = storage.download_dir(model_dir, tempfile.mkdtemp(prefix="rayft-model-"))
+    return load_for_generation(model_dir, adapter_dir, job)
+
+
 def _generate_task(model_dir: str, adapter_dir: str | None, spec: dict[str, Any], chat_template: str | None,
                    prompts: list[Prompt], options: dict[str, Any]) -> tuple[list[str], list[bool]]:
     import torch
 
-    from rayft.spec import JobSpec as Spec
     from rayft.train.logs import quiet_worker
 
     quiet_worker()
     torch.set_num_threads(1)
-    model, tokenizer = load_for_generation(model_dir, adapter_dir, Spec.model_validate(spec))
+    model, tokenizer = load_on_this_node(model_dir, adapter_dir, spec)
+    model.to(task_device())
     if chat_template and not adapter_dir:
         tokenizer.chat_template = chat_template  # the base is prompted exactly like the tuned model
     return generate(model, tokenizer, prompts, **options)
 
 
+MIN_PROMPTS_PER_SHARD = 32  # below this, loading the model again costs more than it saves
+
+
 def compare(spec: JobSpec, models: dict[str, tuple[str, str | None]], prompts: list[Prompt],
-            chat_template: str | None, shards: int = 1) -> Comparison:
+            chat_template: str | None, shards: int | None = None) -> Comparison:
     """Generate with each model (label -> (model dir, LoRA adapter dir or None)) on Ray tasks,
-    `shards` tasks per model, then score."""
+    `shards` tasks per model (default: from the number of prompts and the cluster's CPUs or
+    GPUs), then score."""
     import ray
+
+    from rayft.eval_loss import shard_count, task_options
 
     options = {"max_new_tokens": spec.eval.max_new_tokens, "do_sample": spec.eval.do_sample,
                "temperature": spec.eval.temperature, "top_p": spec.eval.top_p}
-    task = ray.remote(num_cpus=1)(_generate_task)
+    task = ray.remote(**task_options(spec))(_generate_task)
+    shards = shards or shard_count(len(prompts), MIN_PROMPTS_PER_SHARD, len(models), spec)
     size = max(1, -(-len(prompts) // shards))
     pieces = [prompts[i:i + size] for i in range(0, len(prompts), size)]
     spec_dict = spec.model_dump(mode="json")
@@ -224,18 +273,95 @@ def compare(spec: JobSpec, models: dict[str, tuple[str, str | None]], prompts: l
     return comparison
 
 
+def evaluate_models(spec: JobSpec, models: dict[str, tuple[str, str | None]], prepared_root: str,
+                    chat_template: str | None) -> Comparison:
+    """Each model's loss on the held-out split and, when `eval.num_prompts`, its answers to the
+    held-out prompts. The loss tasks start first and run while the models generate."""
+    from rayft.data.prepare import Prepared, read_stats
+    from rayft.eval_loss import collect_held_out_loss, submit_held_out_loss
+
+    losses = submit_held_out_loss(spec, models, prepared_root)
+    prepared = Prepared(prepared_root, "", read_stats(prepared_root) or {})
+    prompts = held_out_prompts(prepared, spec.eval.num_prompts) if spec.eval.num_prompts else []
+    comparison = compare(spec, models, prompts, chat_template) if prompts else Comparison([], {}, {})
+    comparison.loss = collect_held_out_loss(losses)
+    return comparison
+
+
 def before_after(spec: JobSpec, summary: Any) -> Comparison:
-    """Base vs tuned on the held-out prompts of a finished run; saved as eval.json beside it."""
+    """Base vs tuned on the held-out split and prompts of a finished run; saved as eval.json
+    beside it."""
+    from rayft import storage
+
+    # the model's storage path, not a local copy: the tasks may run on other nodes
+    tuned_dir = summary.model_dir
+    tuned = (summary.base_model_dir, tuned_dir) if spec.method.kind != "full" else (tuned_dir, None)
+    comparison = evaluate_models(spec, {"base": (summary.base_model_dir, None), "tuned": tuned},
+                                 summary.prepared, summary.chat_template)
+    storage.write_json(f"{summary.run_dir}/eval.json", comparison.to_dict())
+    return comparison
+
+
+def evaluate_run(spec: JobSpec, checkpoint: str | None = None, *,
+                 log: Callable[[str], None] = print) -> tuple[Comparison, str]:
+    """`rayft eval`: the spec's base model vs its finished run's final model (or `checkpoint`:
+    any run, checkpoint or model directory), on the spec's held-out data (prepared, or reused
+    from the cache). Writes <run>/eval.json, or <run>/eval-<checkpoint>.json for a checkpoint,
+    and returns the comparison and that path."""
+    from rayft import storage
+    from rayft.data.prepare import prepare
+    from rayft.data.templates import resolve_template
+    from rayft.model import load_tokenizer
+
+    models = run_models(spec, checkpoint)
+    tokenizer = load_tokenizer(spec, models["base"][0])
+    prepared = prepare(spec, tokenizer, log=log)
+    template = resolve_template(spec.data.template, tokenizer).source
+    comparison = evaluate_models(spec, models, prepared.root, template)
+    out = result_path(spec, "eval", checkpoint)
+    storage.write_json(out, comparison.to_dict())
+    return comparison, out
+
+
+def run_models(spec: JobSpec, checkpoint: str | None = None) -> dict[str, tuple[str, str | None]]:
+    """"base" (the spec's model) and "tuned" (the run's final model, or `checkpoint`), each as
+    (model dir, LoRA adapter dir or None)."""
+    import os
     import tempfile
 
     from rayft import storage
-    from rayft.data.prepare import Prepared, read_stats
+    from rayft.export import resolve_trained
+    from rayft.model import materialized_dir
 
-    prepared = Prepared(summary.prepared, "", read_stats(summary.prepared) or {})
-    prompts = held_out_prompts(prepared, spec.eval.num_prompts)
-    tuned_dir = storage.download_dir(summary.model_dir, tempfile.mkdtemp(prefix="rayft-tuned-"))
-    tuned = (summary.base_model_dir, tuned_dir) if spec.method.kind != "full" else (tuned_dir, None)
-    comparison = compare(spec, {"base": (summary.base_model_dir, None), "tuned": tuned}, prompts,
-                         summary.chat_template)
-    storage.write_json(f"{summary.run_dir}/eval.json", comparison.to_dict())
-    return comparison
+    source = str(checkpoint) if checkpoint else f"{storage.run_dir(spec)}/model"
+    if not storage.exists(source):
+        hint = "check --checkpoint" if checkpoint else "train it first (rayft train) or pass --checkpoint PATH"
+        raise ModelError(f"{source} does not exist: {hint}")
+    local = storage.download_dir(source, tempfile.mkdtemp(prefix="rayft-tuned-"))
+    trained = resolve_trained(local)
+    # The tasks get the model's path in storage (they may run on other nodes), the directory
+    # that resolve_trained found inside the local copy.
+    inside = os.path.relpath(trained.model_dir, local)
+    where = source.rstrip("/") if inside == "." else f"{source.rstrip('/')}/{inside}"
+    base_dir = materialized_dir(spec)
+    # An adapter goes on the spec's base (the model it was trained from), wherever it was trained.
+    tuned = (base_dir, where) if trained.adapter else (where, None)
+    return {"base": (base_dir, None), "tuned": tuned}
+
+
+def result_path(spec: JobSpec, stem: str, checkpoint: str | None = None) -> str:
+    """<run>/eval.json for the run's final model, <run>/eval-checkpoint_000040.json for a checkpoint."""
+    from rayft import storage
+
+    suffix = f"-{_checkpoint_name(str(checkpoint))}" if checkpoint else ""
+    return f"{storage.run_dir(spec)}/{stem}{suffix}.json"
+
+
+def _checkpoint_name(path: str) -> str:
+    """runs/x/checkpoint_000040[/checkpoint] -> checkpoint_000040"""
+    from rayft.export import HF_CHECKPOINT
+
+    parts = [p for p in path.rstrip("/").split("/") if p]
+    if len(parts) > 1 and parts[-1] in (HF_CHECKPOINT, "model"):
+        parts = parts[:-1]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", parts[-1]) if parts else "checkpoint"

@@ -77,11 +77,15 @@ def download_dir(source: str, local: str) -> str:
     return local
 
 
-def write_text(path: str, text: str) -> None:
+def write_bytes(path: str, data: bytes) -> None:
     fs, inner = _fs(path)
     fs.create_dir(os.path.dirname(inner), recursive=True)
     with fs.open_output_stream(inner) as out:
-        out.write(text.encode("utf-8"))
+        out.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
 
 
 def read_text(path: str) -> str | None:

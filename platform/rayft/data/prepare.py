@@ -21,7 +21,7 @@ from rayft.data.templates import ChatTemplate, resolve_template
 from rayft.errors import DataError, user_error_in
 from rayft.spec import JobSpec
 
-PIPELINE_VERSION = 1  # bump when the output of the pipeline changes for the same inputs
+PIPELINE_VERSION = 2  # bump when the output of the pipeline changes for the same inputs
 TOKEN_COLUMNS = ["input_ids", "labels", "seq_lengths", "sample_ids"]
 
 
