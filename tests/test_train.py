@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ STEPS = 6
 # run 1 micro-batch of 4 and DDP averages. The loss is normalized by the trained-token count of
 # the whole global batch in both cases, so the curves agree to float32 rounding.
 LOSS_TOLERANCE = 1e-4  # relative, per step
+SECRET = "hf_rayft_test_secret_9876543210"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,7 @@ def runs(ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_pat
 
     storage = tmp_path_factory.mktemp("runs")
     results = {}
+    os.environ["HF_TOKEN"] = SECRET  # forwarded to the workers by name; must appear in no file
     for workers in (1, 2):
         spec = load_spec(data=spec_dict(tiny_llama, chat_data, storage, run={"name": f"workers-{workers}"},
                                         scaling={"num_workers": workers},
@@ -36,6 +39,7 @@ def runs(ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_pat
         lines: list[str] = []
         summary = train(spec, log=lines.append)
         results[workers] = (spec, summary, lines)
+    os.environ.pop("HF_TOKEN")
     return results
 
 
@@ -111,3 +115,25 @@ def test_too_many_workers_is_a_clear_error_not_a_hang(ray_cluster: Any, tiny_lla
         train(spec, log=lambda _: None)
     message = str(error.value)
     assert "6 more CPU" in message and "scaling.num_workers=4" in message and "cluster has 2 CPU" in message
+
+
+def test_one_wandb_run_per_job_with_metrics_config_and_no_secret(runs: dict[int, Any], tiny_llama: Path) -> None:
+    from wandb_records import find_runs, read_run
+
+    spec, summary, lines = runs[2]
+    run_dir = Path(summary.run_dir)
+    files = [p for p in find_runs(run_dir / "wandb") if "latest-run" not in p.parts]
+    assert len(files) == 1, "one W&B run per training job, not one per worker"
+    run = read_run(files[0])
+    assert run["name"] == spec.run_name and run["exit_code"] == 0
+    assert run["config"]["model"]["path"] == str(tiny_llama) and run["config"]["train"]["max_steps"] == STEPS
+    steps_with_loss = [row["_step"] for row in run["history"] if "train/loss" in row]
+    assert steps_with_loss == list(range(1, STEPS + 1))
+    assert all("train/learning_rate" in row and "train/grad_norm" in row and "train/tokens_per_second" in row
+               for row in run["history"] if "train/loss" in row)
+    assert any("eval/loss" in row for row in run["history"])
+    assert run["summary"]["final/steps"] == STEPS and run["summary"]["final/eval_loss"] == pytest.approx(summary.eval_loss)
+    assert summary.wandb and any(summary.wandb in line or line.startswith("wandb: ") for line in lines)
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path

@@ -97,6 +97,43 @@ def train(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, p
 
 @app.command()
 @friendly
+def tune(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
+         address: Optional[str] = AddressOpt, fresh: bool = typer.Option(False, "--fresh", help="Start the sweep over."),
+         verbose: bool = VerboseOpt) -> None:
+    """Sweep the spec's tune.search_space: every trial a multi-worker run; resumes when rerun."""
+    from rayft.cluster import connect
+    from rayft.tune import sweep
+
+    job = _load(spec, overrides, profile)
+    log(f"ray: {connect(address, verbose=verbose)}")
+    result = sweep(job, fresh=fresh, log=log)
+    print_sweep(result)
+
+
+def print_sweep(result: Any) -> None:
+    table = Table(title=f"sweep {result.name}: {len(result.trials)} trials in {result.seconds:.0f}s", title_justify="left")
+    table.add_column("trial", no_wrap=True)
+    params = sorted({k for t in result.trials for k in t.params})
+    for name in params:
+        table.add_column(name, justify="right", no_wrap=True)
+    for column in (result.metric, "status", "reports", "steps"):
+        table.add_column(column, justify="right" if column != "status" else "left", no_wrap=True)
+    for trial in sorted(result.trials, key=lambda t: (t.metric is None, t.metric if t.metric is not None else 0)):
+        marker = " *" if result.best and trial.name == result.best.name else ""
+        table.add_row(trial.name + marker, *[f"{trial.params.get(k)!r}" for k in params],
+                      "-" if trial.metric is None else f"{trial.metric:.4f}", trial.status, str(trial.iterations), str(trial.steps))
+    console.print(table)
+    for trial in result.trials:
+        if trial.error:
+            log(f"[red]{trial.name} failed[/]: {trial.error}")
+    if result.best_spec_path:
+        log(f"best: {result.best.name} ({result.metric} {result.best.metric:.4f}) -> {result.best_spec_path}")
+    if result.plot_path:
+        log(f"plot: {result.plot_path}")
+
+
+@app.command()
+@friendly
 def prepare(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
             address: Optional[str] = AddressOpt, force: bool = typer.Option(False, "--force", help="Ignore the cache."),
             verbose: bool = VerboseOpt) -> None:

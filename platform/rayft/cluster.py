@@ -48,8 +48,11 @@ def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int 
                      logging_level=logging.ERROR if not verbose else logging.INFO)
             where = f"Ray cluster at {address}"
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=verbose,
-                     logging_level=logging.ERROR if not verbose else logging.INFO)
+            # With the dashboard: it serves the State API, which Ray Train's placement-group cleaner
+            # needs to release a worker group whose controller died (a sweep trial stopped early);
+            # without it those CPUs stay reserved and the next trial never starts.
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                     log_to_driver=verbose, logging_level=logging.ERROR if not verbose else logging.INFO)
             where = "embedded local Ray"
     except ConnectionError as exc:
         raise ClusterError(f"cannot connect to Ray at {address}: {exc}") from None

@@ -55,13 +55,18 @@ def _tokenizer_identity(tokenizer: Any) -> str:
     return vocab + json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token])
 
 
-def prepared_root(spec: JobSpec, key: str) -> str:
+def prepared_base(spec: JobSpec) -> str:
+    """Where prepared datasets live: data.cache_dir, else <run.storage_path>/prepared."""
     if spec.data.cache_dir:
         base = spec.data.cache_dir if "://" in spec.data.cache_dir else os.path.abspath(spec.data.cache_dir)
-        return f"{base.rstrip('/')}/{key}"
+        return base.rstrip("/")
     storage = spec.run.storage_path
     base = storage if "://" in storage else os.path.abspath(storage)
-    return f"{base.rstrip('/')}/prepared/{key}"
+    return f"{base.rstrip('/')}/prepared"
+
+
+def prepared_root(spec: JobSpec, key: str) -> str:
+    return f"{prepared_base(spec)}/{key}"
 
 
 def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False,

@@ -69,6 +69,22 @@ class ProgressReporter(TrainerCallback):
         post(self.board, 0, **fields)
 
 
+class ThroughputInLogs(TrainerCallback):
+    """Adds `tokens_per_second` (all workers, since training began) to every train log, for the
+    progress line, the timeline and W&B alike."""
+
+    def __init__(self, trainer: Any):
+        self.trainer, self.started, self.start_tokens = trainer, time.time(), 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started, self.start_tokens = time.time(), self.trainer._tokens
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        elapsed = time.time() - self.started
+        if logs is not None and "loss" in logs and elapsed > 0:
+            logs["tokens_per_second"] = (self.trainer._tokens - self.start_tokens) * _world() / elapsed
+
+
 class MetricsTimeline(TrainerCallback):
     """Rank 0 keeps `metrics.jsonl` in the run directory: one line per log (train or eval) with
     step, wall time, tokens and tokens/s, for reports and plots. Rewritten at every checkpoint

@@ -120,8 +120,10 @@ def run_config(spec: JobSpec, callbacks: list[Any] | None = None, has_eval: bool
 
 
 def train(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = print,
-          trial: dict[str, Any] | None = None, callbacks: list[Any] | None = None) -> TrainSummary:
-    """Prepare the data (or reuse it), train on `scaling.num_workers` workers, save the model."""
+          trial: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
+          tracker: Any | None = None) -> TrainSummary:
+    """Prepare the data (or reuse it), train on `scaling.num_workers` workers, save the model.
+    A sweep passes its trial's identity, Tune's report callback and its W&B tracker."""
     import ray
     from ray.train.torch import TorchTrainer
 
@@ -129,6 +131,7 @@ def train(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
     from rayft.data.templates import resolve_template
     from rayft.model import load_tokenizer, materialized_dir
     from rayft.train.progress import ProgressBoard, ProgressPrinter
+    from rayft.train.tracking import run_settings, start_tracker
     from rayft.train.worker import train_loop_per_worker
 
     started = time.time()
@@ -157,12 +160,17 @@ def train(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
         log(f"train: {waiting}")
 
     board = ProgressBoard.remote()
+    owned_tracker = tracker is None
+    tracker = start_tracker(spec, tracker)
+    tracker_key = f"{run_dir}#{(trial or {}).get('name', '')}"
+    if tracker is not None:
+        log(f"wandb: {ray.get(tracker.start.remote(tracker_key, run_settings(spec, run_dir, trial)))}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "model_dir": model_dir,
                            "prepared": {"root": prepared.root, "key": prepared.key, "stats": prepared.stats},
                            "run_dir": run_dir, "steps": steps, "board": board, "trial": trial,
-                           "chat_template": template.source},
+                           "chat_template": template.source, "tracker": tracker, "tracker_key": tracker_key},
         scaling_config=scaling_config(spec),
         run_config=run_config(spec, callbacks, has_eval),
     )
@@ -170,9 +178,11 @@ def train(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
         try:
             result = trainer.fit()
         except Exception as exc:
+            _finish_tracking(tracker, tracker_key, owned_tracker, exit_code=1)  # keep what was logged
             raise (user_error_in(exc) or _training_failed(exc)) from None
     first_step_at = printer.first_step_at or started
     ray.kill(board)
+    wandb_location = _finish_tracking(tracker, tracker_key, owned_tracker, exit_code=0)
     final = json.loads(storage.read_text(f"{run_dir}/{FINAL_METRICS}") or "{}")
     summary = TrainSummary(
         name=spec.run_name, run_dir=run_dir, train_loss=final.get("train_loss"), eval_loss=final.get("eval_loss"),
@@ -184,7 +194,7 @@ def train(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
         total_seconds=round(time.time() - started, 1),
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         model_dir=final.get("model_dir"), resumed_from_step=int(final.get("resumed_from_step", 0)),
-        wandb=final.get("wandb"), base_model_dir=model_dir, prepared=prepared.root,
+        wandb=wandb_location, base_model_dir=model_dir, prepared=prepared.root,
         chat_template=template.source,
     )
     storage.write_json(f"{run_dir}/summary.json", summary.to_dict())
@@ -212,6 +222,17 @@ def check_resumable(spec: JobSpec, run_dir: str, log: Callable[[str], None]) -> 
                         "rerun with --fresh to start over, or give the new job its own run.name", field=path)
     if changed:
         log("train: resuming with changes: " + ", ".join(f"{p}: {o!r} -> {n!r}" for p, o, n in changed[:6]))
+
+
+def _finish_tracking(tracker: Any, key: str, owned: bool, exit_code: int) -> str | None:
+    if tracker is None:
+        return None
+    import ray
+
+    location = ray.get(tracker.finish.remote(key, exit_code))
+    if owned:
+        ray.kill(tracker)
+    return location
 
 
 def latest_checkpoint(run_dir: str) -> str | None:

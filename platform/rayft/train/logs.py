@@ -7,7 +7,7 @@ import logging
 import os
 import warnings
 
-NOISY_LOGGERS = ("ray.train", "ray.data", "ray.tune", "bitsandbytes", "deepspeed", "accelerate",
+NOISY_LOGGERS = ("ray.train", "ray.data", "ray.tune", "ray.air", "bitsandbytes", "deepspeed", "accelerate",
                  "torch.distributed", "datasets", "transformers", "peft", "trl", "filelock")
 
 
@@ -25,6 +25,8 @@ def quiet_env() -> dict[str, str]:
         # Ray Data re-applies its own logger levels at import; its failure dumps (operator
         # statistics) are not for users: rayft reports the error itself.
         "RAY_DATA_LOG_LEVEL": "CRITICAL",
+        # Ray Tune's own progress tables and per-trial tracebacks: `rayft tune` prints its table.
+        "RAY_AIR_NEW_OUTPUT": "0",
     }
 
 

@@ -1,8 +1,13 @@
-"""W&B tracking: one run per training job (or sweep trial), written by rank 0 only.
+"""W&B tracking: one run per training job (or sweep trial), never one per worker rank.
 
-Mode `auto` is online when WANDB_API_KEY is set and offline otherwise, so a laptop run with no
-account still leaves a complete run directory that `wandb sync` can upload later. The run is
-finished explicitly: an unfinished offline run loses its data.
+The W&B runs live in a small `Tracker` actor owned by the process that outlives the training:
+the `rayft train` driver, or the sweep's driver. wandb keeps a run's data in its core process
+until `finish()`, so a run held by a training process dies with it: a worker killed by a fault,
+or a trial stopped early by ASHA, would leave an empty run. Rank 0 sends its logs to the tracker;
+the owner finishes every run, stopped trials included.
+
+Mode `auto` is online when WANDB_API_KEY is set and offline otherwise: a laptop run with no
+account still leaves a complete run directory that `wandb sync` uploads later.
 """
 
 from __future__ import annotations
@@ -11,10 +16,11 @@ import hashlib
 import os
 from typing import Any
 
+import ray
 from transformers import TrainerCallback
 
-from rayft.specfile import redact
 from rayft.spec import JobSpec
+from rayft.specfile import redact
 
 
 def wandb_mode(spec: JobSpec) -> str:
@@ -39,49 +45,94 @@ def run_id(run_dir: str, trial: str | None) -> str:
     return hashlib.sha256(f"{run_dir}:{trial or ''}".encode()).hexdigest()[:16]
 
 
-class WandbTracker(TrainerCallback):
-    def __init__(self, spec: JobSpec, run_dir: str, trial: dict[str, Any] | None = None):
-        self.spec, self.run_dir, self.trial = spec, run_dir, trial or {}
-        self.mode = wandb_mode(spec)
-        self.run: Any = None
+def run_settings(spec: JobSpec, run_dir: str, trial: dict[str, Any] | None) -> dict[str, Any]:
+    """What `wandb.init` gets: the resolved spec with secrets stripped, grouping, identity."""
+    settings, trial = spec.tracking.wandb, trial or {}
+    config = redact(spec.to_dict())
+    if trial.get("params"):
+        config["trial_params"] = trial["params"]
+    return {"project": settings.project, "entity": settings.entity, "name": trial.get("name") or spec.run_name,
+            "group": trial.get("group") or settings.group, "tags": settings.tags or None,
+            "dir": wandb_dir(spec, run_dir), "mode": wandb_mode(spec), "config": config,
+            "id": run_id(run_dir, trial.get("name"))}
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.mode == "disabled" or self.run is not None:
-            return
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Tracker:
+    """Holds W&B runs by key; each is finished exactly once, by `finish` or `finish_all`."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, Any] = {}
+
+    def start(self, key: str, settings: dict[str, Any]) -> str:
         import wandb
 
-        settings = self.spec.tracking.wandb
-        directory = wandb_dir(self.spec, self.run_dir)
-        os.makedirs(directory, exist_ok=True)
-        name = self.trial.get("name") or self.spec.run_name
-        config = redact(self.spec.to_dict())
-        if self.trial.get("params"):
-            config["trial_params"] = self.trial["params"]
-        self.run = wandb.init(
-            project=settings.project, entity=settings.entity, name=name,
-            group=self.trial.get("group") or settings.group, tags=settings.tags or None,
-            dir=directory, mode=self.mode, config=config,
-            id=run_id(self.run_dir, self.trial.get("name")), resume="allow",
-            settings=wandb.Settings(console="off", silent=True, x_disable_meta=False),
-        )
+        if key not in self.runs:
+            os.makedirs(settings["dir"], exist_ok=True)
+            self.runs[key] = wandb.init(**settings, resume="allow", reinit="create_new",
+                                        settings=wandb.Settings(console="off", silent=True))
+        return self._location(self.runs[key])
+
+    def log(self, key: str, values: dict[str, Any], step: int) -> None:
+        run = self.runs.get(key)
+        if run is not None:
+            run.log(values, step=step)
+
+    def summarize(self, key: str, summary: dict[str, Any]) -> None:
+        run = self.runs.get(key)
+        if run is not None:
+            for name, value in summary.items():
+                if isinstance(value, (int, float, str)):
+                    run.summary[f"final/{name}"] = value
+
+    def finish(self, key: str, exit_code: int = 0) -> str | None:
+        run = self.runs.pop(key, None)
+        if run is None:
+            return None
+        location = self._location(run)
+        run.finish(exit_code=exit_code)
+        return location
+
+    def finish_all(self, note: str) -> list[str]:
+        """Runs whose training ended without a finish (a trial stopped early, a failed run)."""
+        finished = []
+        for key in list(self.runs):
+            self.runs[key].summary["status"] = note
+            finished.append(self.finish(key))
+        return [location for location in finished if location]
+
+    @staticmethod
+    def _location(run: Any) -> str:
+        return run.url if getattr(run, "url", None) else run.dir
+
+
+def start_tracker(spec: JobSpec, tracker: Any | None = None) -> Any | None:
+    """A tracker for this driver to own (or the one given by a sweep); None when disabled."""
+    if wandb_mode(spec) == "disabled":
+        return None
+    if tracker is not None:
+        return tracker
+    forwarded = {n: os.environ[n] for n in (*spec.run.forward_env, "WANDB_MODE", "WANDB_BASE_URL") if n in os.environ}
+    return Tracker.options(runtime_env={"env_vars": forwarded} if forwarded else None).remote()
+
+
+class MetricsToTracker(TrainerCallback):
+    """Rank 0: every trainer log goes to the run's tracker (fire and forget: training does not
+    wait for W&B); `flush` waits until all of them have arrived."""
+
+    def __init__(self, tracker: Any, key: str):
+        self.tracker, self.key = tracker, key
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if self.run is None or not logs:
+        if not logs:
             return
-        values = {_metric_name(key): value for key, value in logs.items() if isinstance(value, (int, float))}
+        values = {_metric_name(k): v for k, v in logs.items() if isinstance(v, (int, float))}
         values["train/epoch"] = state.epoch or 0
-        self.run.log(values, step=state.global_step)
+        self.tracker.log.remote(self.key, values, state.global_step)
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        if self.run is None:
-            return
-        for key, value in summary.items():
-            if isinstance(value, (int, float, str)) and value is not None:
-                self.run.summary[f"final/{key}"] = value
-        location = self.run.url if self.mode == "online" else self.run.dir
-        summary["wandb"] = location
-        self.run.finish()
-        self.run = None
+    def flush(self, summary: dict[str, Any]) -> None:
+        # Calls from one process run in order: once this returns, every log above has landed.
+        ray.get(self.tracker.summarize.remote(self.key, summary))
 
 
 def _metric_name(key: str) -> str:

@@ -16,7 +16,7 @@ from rayft.data.prepare import Prepared, load_split
 from rayft.spec import JobSpec
 from rayft.train import callbacks, logs
 from rayft.storage import FINAL_METRICS
-from rayft.train.tracking import WandbTracker
+from rayft.train.tracking import MetricsToTracker
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -63,12 +63,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if os.environ.get("RAYFT_TEST_STEP_SECONDS"):
         trainer.add_callback(callbacks.StepThrottle(float(os.environ["RAYFT_TEST_STEP_SECONDS"])))
     trainer.add_callback(callbacks.CheckpointReporter())
+    tracked = None
     if rank == 0:
+        trainer.add_callback(callbacks.ThroughputInLogs(trainer))  # first: the others read its value
         trainer.add_callback(callbacks.ProgressReporter(board, trainer))
         timeline = callbacks.MetricsTimeline(config["run_dir"], trainer, _step_of(resume))
         trainer.add_callback(timeline)
-        tracker = WandbTracker(spec, config["run_dir"], trial=config.get("trial"))
-        trainer.add_callback(tracker)
+        if config.get("tracker") is not None:
+            tracked = MetricsToTracker(config["tracker"], config["tracker_key"])
+            trainer.add_callback(tracked)
     trainer = prepare_trainer(trainer)
 
     callbacks.post(board, rank, phase="training", resumed_from_step=_step_of(resume))
@@ -90,7 +93,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     }
     if rank == 0:
         timeline.flush()  # with the final evaluation, logged after on_train_end
-        tracker.finish(summary)
+        if tracked is not None:
+            tracked.flush(summary)
         # Ray keeps only checkpoint-attached metrics in the result; the summary goes to storage.
         from rayft.storage import write_json
 

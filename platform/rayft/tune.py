@@ -1,0 +1,273 @@
+"""Sweeps: a Ray Tune experiment whose every trial is a multi-worker training run.
+
+Ray Train V2's pattern: a Tune function builds and fits a TorchTrainer per trial, with
+TuneReportCallback so the scheduler sees every evaluation and can stop a trial mid-run. The data
+is prepared once before the sweep; every trial reuses it. Rerunning the same command resumes an
+interrupted sweep: finished trials stay finished, the running ones resume from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from rayft import storage
+from rayft.errors import SpecError
+from rayft.spec import JobSpec, TuneSpec, validate_spec
+from rayft.specfile import apply_override, Origins
+
+PARAMS = "params"  # the trial config holds the sampled values under this key, by dotted spec path
+# What a trial's function asks for itself: no CPU, so its workers can have every CPU of the
+# cluster (with 0.01 CPU a 2-CPU cluster could never place 2 one-CPU workers). Tune refuses an
+# empty request, and one byte of memory costs nothing.
+TRIAL_DRIVER_RESOURCES = {"memory": 1}
+
+
+@dataclass
+class Trial:
+    name: str
+    params: dict[str, Any]
+    status: str  # finished | stopped early | failed | running
+    metric: float | None
+    iterations: int
+    steps: int
+    error: str | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, metric) at each report
+
+
+@dataclass
+class SweepResult:
+    name: str
+    directory: str
+    metric: str
+    mode: str
+    trials: list[Trial]
+    best: Trial | None
+    best_spec_path: str | None
+    plot_path: str | None
+    seconds: float
+    resumed: bool
+
+
+def search_space(tune_spec: TuneSpec) -> dict[str, Any]:
+    from ray import tune
+
+    make = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
+            "randint": lambda v: tune.randint(v[0], v[1] + 1),  # the spec's bounds are inclusive
+            "choice": tune.choice, "grid": tune.grid_search}
+    return {path: make[kind](values) for path, domain in tune_spec.search_space.items()
+            for kind, values in domain.items()}
+
+
+def with_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    data = dict(base)
+    for path, value in params.items():
+        data = apply_override(data, f"{path}={json.dumps(value)}", Origins())
+    return data
+
+
+def trial_spec(base: dict[str, Any], params: dict[str, Any], *, sweep: str, trial: str, trial_storage: str,
+               prepared: str) -> JobSpec:
+    """The base spec with a trial's values at their dotted paths, run in the sweep's trials/ dir
+    and reading the data the sweep prepared."""
+    data = with_params(base, params)
+    data["run"] = {**data["run"], "name": trial, "storage_path": trial_storage}
+    data["data"] = {**data["data"], "cache_dir": prepared}
+    wandb = data["tracking"]["wandb"]
+    data["tracking"] = {**data["tracking"], "wandb": {**wandb, "group": wandb.get("group") or sweep}}
+    data["eval"] = {**data["eval"], "before_after": False}  # generation is for the best model, not every trial
+    data["tune"] = None
+    return validate_spec(data)
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, trial_storage: str, prepared: str,
+              tracker: Any) -> None:
+    """One trial: a TorchTrainer over `scaling.num_workers` workers, reporting to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rayft.train.driver import train
+
+    name = tune.get_context().get_trial_name()
+    params = config[PARAMS]
+    spec = trial_spec(base, params, sweep=sweep, trial=name, trial_storage=trial_storage, prepared=prepared)
+    train(spec, log=lambda _: None, trial={"name": name, "group": sweep, "params": params},
+          callbacks=[TuneReportCallback()], tracker=tracker)
+
+
+def data_variants(spec: JobSpec) -> list[dict[str, Any]]:
+    """Every combination of the swept data.* values (one prepared dataset each); [{}] if none.
+    A trial runs inside Tune's placement group, where Ray Data's tasks could not be scheduled,
+    so the data must be prepared before the trials start: data.* values must be enumerable."""
+    import itertools
+
+    swept = {path: domain for path, domain in spec.tune.search_space.items() if path.startswith("data.")}
+    for path, domain in swept.items():
+        if not {"grid", "choice"} & set(domain):
+            raise SpecError(f"sweeping {path} needs grid or choice values: each data variant is prepared before "
+                            "the trials start", field=f"tune.search_space.{path}")
+    values = [next(iter(domain.values())) for domain in swept.values()]
+    return [dict(zip(swept, combo)) for combo in itertools.product(*values)] or [{}]
+
+
+def default_concurrency(spec: JobSpec) -> int:
+    """As many trials at once as the cluster holds whole trials (each is a worker group)."""
+    import ray
+
+    from rayft.train.driver import required_resources
+
+    have = ray.cluster_resources()
+    return max(1, min(int(have.get(k, 0) // v) for k, v in required_resources(spec).items() if v))
+
+
+def scheduler(spec: JobSpec) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    choice = spec.tune.scheduler
+    # Time is counted in reports (one per evaluation/checkpoint), so grace_period reads as
+    # "evaluations a trial always gets".
+    if choice.kind == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=10_000, grace_period=choice.grace_period,
+                             reduction_factor=choice.reduction_factor)
+    if choice.kind == "median":
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=choice.grace_period,
+                                  min_samples_required=2)
+    return FIFOScheduler()
+
+
+def search_algorithm(spec: JobSpec) -> Any:
+    if spec.tune.search_alg == "random":
+        return None  # Tune's default: random sampling, grid values expanded
+    if any("grid" in domain for domain in spec.tune.search_space.values()):
+        raise SpecError("grid values need tune.search_alg=random (Optuna samples; it does not enumerate grids)",
+                        field="tune.search_alg")
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=spec.train.seed)
+
+
+def sweep(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = print) -> SweepResult:
+    import ray
+    from ray import tune
+
+    from rayft.data.prepare import prepare, prepared_base
+    from rayft.model import load_tokenizer, materialized_dir
+    from rayft.train.tracking import start_tracker
+
+    if spec.tune is None or not spec.tune.search_space:
+        raise SpecError("the spec has no tune.search_space to sweep", field="tune")
+    started = time.time()
+    root, name = storage.storage_root(spec), spec.run_name
+    directory = f"{root}/{name}"
+    if fresh:
+        storage.delete_dir(directory)
+    base = spec.model_dump(mode="json")
+    tokenizer = load_tokenizer(spec, materialized_dir(spec))
+    for variant in data_variants(spec):  # once, for every trial (a trial could not run Ray Data itself)
+        prepare(validate_spec(with_params(base, variant)), tokenizer, log=log)
+    # The sweep's driver owns the W&B runs: a trial stopped early is killed, its run is not.
+    tracker = start_tracker(spec)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, sweep=name, trial_storage=f"{directory}/trials",
+                             prepared=prepared_base(spec), tracker=tracker),
+        TRIAL_DRIVER_RESOURCES)
+    resumed = tune.Tuner.can_restore(directory)
+    if resumed:
+        log(f"tune: resuming sweep {name} from {directory} (--fresh starts over)")
+        tuner = tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        concurrency = spec.tune.max_concurrent_trials or default_concurrency(spec)
+        log(f"tune: {spec.tune.num_samples} sample(s) of {len(spec.tune.search_space)} parameter(s), "
+            f"{concurrency} trial(s) at a time, {spec.tune.scheduler.kind} scheduler -> {directory}")
+        tuner = tune.Tuner(
+            trainable, param_space={PARAMS: search_space(spec.tune)},
+            tune_config=tune.TuneConfig(metric=spec.tune.metric, mode=spec.tune.mode, scheduler=scheduler(spec),
+                                        search_alg=search_algorithm(spec), num_samples=spec.tune.num_samples,
+                                        max_concurrent_trials=concurrency,
+                                        trial_name_creator=lambda t: f"trial-{t.trial_id}",
+                                        trial_dirname_creator=lambda t: f"trial-{t.trial_id}"),
+            run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    try:
+        results = tuner.fit()
+    finally:
+        if tracker is not None:
+            ray.get(tracker.finish_all.remote("stopped early"))
+            ray.kill(tracker)
+    trials = [summarize(result, spec.tune.metric) for result in results]
+    best = pick_best(trials, spec.tune.mode)
+    best_path = write_best_spec(spec, best, directory) if best else None
+    from rayft.sweep_plots import plot_sweep
+
+    plot = plot_sweep(trials, spec, directory)
+    storage.write_json(f"{directory}/sweep.json", {"metric": spec.tune.metric, "mode": spec.tune.mode,
+                                                   "trials": [t.__dict__ for t in trials],
+                                                   "best": best.name if best else None})
+    return SweepResult(name, directory, spec.tune.metric, spec.tune.mode, trials, best, best_path, plot,
+                       time.time() - started, resumed)
+
+
+def summarize(result: Any, metric: str) -> Trial:
+    history = result.metrics_dataframe
+    records = history.to_dict("records") if history is not None else []
+    curve = [(int(r["step"]), float(r[metric])) for r in records
+             if r.get(metric) is not None and not _nan(r.get(metric)) and r.get("step") is not None]
+    last = result.metrics or {}
+    if result.error is not None:
+        status, error = "failed", _first_line(result.error)
+    elif last.get("final"):
+        status, error = "finished", None
+    else:
+        status, error = "stopped early", None
+    value = last.get(metric)
+    # Named as in run_trial (the trial name); a restored trial's directory may carry a suffix.
+    name = f"trial-{last['trial_id']}" if last.get("trial_id") else result.path.rstrip("/").rsplit("/", 1)[-1]
+    return Trial(name=name, params=(result.config or {}).get(PARAMS, {}),
+                 status=status, metric=None if value is None or _nan(value) else float(value),
+                 iterations=int(last.get("training_iteration", len(records))), steps=int(last.get("step", 0) or 0),
+                 error=error, curve=curve)
+
+
+def pick_best(trials: list[Trial], mode: str) -> Trial | None:
+    """The best final metric among trials that ran to the end (a stopped trial's last value is
+    from an earlier step, and not what its spec trains to)."""
+    finished = [t for t in trials if t.status == "finished" and t.metric is not None]
+    if not finished:
+        return None
+    return (min if mode == "min" else max)(finished, key=lambda t: t.metric)
+
+
+def write_best_spec(spec: JobSpec, best: Trial, directory: str) -> str:
+    """The best trial's full job spec, ready for `rayft train`: the sweep's spec with the
+    trial's values, no tune section, and a run name of its own."""
+    data = spec.model_dump(mode="json")
+    for path, value in best.params.items():
+        data = apply_override(data, f"{path}={json.dumps(value)}", Origins())
+    data["tune"] = None
+    data["run"]["name"] = f"{spec.run_name}-best"
+    best_spec = validate_spec(data)
+    header = (f"# The best trial of sweep {spec.run_name}: {best.name}, {spec.tune.metric} = {best.metric:.6g}\n"
+              f"# with {', '.join(f'{k}={v!r}' for k, v in best.params.items())}.\n"
+              f"# Train it: rayft train {directory}/best.yaml\n")
+    path = f"{directory}/best.yaml"
+    storage.write_text(path, header + yaml.safe_dump(best_spec.to_dict(), sort_keys=False))
+    return path
+
+
+def _nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _first_line(error: BaseException) -> str:
+    from rayft.errors import user_error_in
+
+    found = user_error_in(error)
+    if found is not None:  # e.g. "invalid job spec\n  train.learning_rate: ..." -> one line
+        return "; ".join(line.strip() for line in str(found).splitlines() if line.strip())
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
