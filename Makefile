@@ -30,8 +30,11 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: setup
+bench: setup  # each prints ratios measured in one run and records them in bench/results/
 	$(BIN)/python bench/ray_overhead.py
+	$(BIN)/python bench/prepare_throughput.py
+	$(BIN)/python bench/packing.py
+	$(BIN)/python bench/sweep_asha.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -394,6 +394,7 @@ def documented_submit_commands() -> list[str]:
     jobs/README.md (or, without one, the entrypoint's own docstring)."""
     readme = REPO / "jobs" / "README.md"
     text = readme.read_text() if readme.is_file() else (REPO / "jobs" / "train.py").read_text()
+    text = re.sub(r"\\\n\s*", " ", text)  # join shell line continuations
     commands = re.findall(r"ray job submit\b[^\n]*? -- (python jobs/train\.py [^\n`]+)", text)
     return [command.strip().rstrip("\\").strip() for command in commands
             if not shlex.split(command)[2].isupper()]  # skip placeholders like SPEC

@@ -27,7 +27,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "zero3": {"kind": "full", "deepspeed": "zero3"},
     "zero3-offload": {"kind": "full", "deepspeed": "zero3-offload"},
     "lora": {"kind": "lora"},
-    "zero3-lora": {"kind": "lora", "deepspeed": "zero3"},
+    # bf16 mixed precision and gradient checkpointing run on CPU too
+    "zero3-lora": {"kind": "lora", "deepspeed": "zero3", "precision": "bf16", "gradient_checkpointing": True},
     # fp32 compute on CPU keeps the QLoRA export comparison exact (see test_export_merges_qlora)
     "qlora": {"kind": "qlora", "quantization": {"compute_dtype": "float32"}},
     "zero3-qlora": {"kind": "qlora", "deepspeed": "zero3",
@@ -37,13 +38,29 @@ METHODS: dict[str, dict[str, Any]] = {
 
 @pytest.fixture(scope="session")
 def deepspeed_ops() -> float:
-    """Compile DeepSpeed's CPU ops (shared-memory collectives, CPU Adam) once per suite; every
-    worker process then loads them from ~/.cache/torch_extensions."""
+    """Compile DeepSpeed's CPU ops (shared-memory collectives, CPU Adam) once per suite, the way
+    workers do (a stale torch build lock is cleared); workers then load them from the cache."""
     started = time.time()
-    code = ("from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder;"
-            "ShareMemCommBuilder().load(); CPUAdamBuilder().load()")
+    code = ("from rayft.train.deepspeed_ops import load_ops;"
+            "assert load_ops(['ShareMemCommBuilder', 'CPUAdamBuilder']) == ['ShareMemCommBuilder', 'CPUAdamBuilder']")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=900)
     return time.time() - started
+
+
+def test_a_stale_torch_build_lock_does_not_hang_the_next_deepspeed_run(deepspeed_ops: float) -> None:
+    """A worker killed mid-build leaves torch's lock file; without rayft's flock the next load
+    waits on it forever (this hung a CI run for 15 minutes)."""
+    from rayft.train.deepspeed_ops import extensions_root
+
+    build_dirs = [lock.parent for lock in extensions_root().glob("*/deepspeed_shm_comm/build.ninja")]
+    assert build_dirs, "the fixture built the shared-memory collectives"
+    stale = build_dirs[0] / "lock"
+    stale.touch()
+    code = "from rayft.train.deepspeed_ops import load_ops; print(load_ops(['ShareMemCommBuilder']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "['ShareMemCommBuilder']" in done.stdout
+    assert not stale.exists()
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +77,7 @@ def method_runs(ray_cluster: Any, deepspeed_ops: float, wide_llama: Path, chat_d
     storage = tmp_path_factory.mktemp("method-runs")
     runs = {}
     for name, method in METHODS.items():
-        spec = load_spec(data=spec_dict(wide_llama, chat_data, storage, run={"name": name},
+        spec = load_spec(data=spec_dict(wide_llama, chat_data, storage, run={"name": name, "save_merged": name == "lora"},
                                         method={"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, **method},
                                         train={"max_steps": STEPS, "save_every": 2, "learning_rate": 5e-3},
                                         eval={"before_after": False}))
@@ -185,6 +202,20 @@ def test_export_merges_lora_into_a_plain_model_with_the_same_logits(method_runs:
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     merged = AutoModelForCausalLM.from_pretrained(out)
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(summary.base_model_dir), summary.model_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapter(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_save_merged_writes_a_merged_model_next_to_the_adapter(method_runs: dict[str, Any]) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, summary = method_runs["lora"]
+    merged_dir = Path(summary.run_dir) / "model-merged"
+    assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(summary.base_model_dir), summary.model_dir)
+    ids = torch.tensor([[5, 17, 42]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapter(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 

@@ -4,10 +4,8 @@ there. Credentials and endpoint come from the environment, as on a real cluster.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 

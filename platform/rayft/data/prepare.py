@@ -261,18 +261,53 @@ def _describe(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LOCAL_CACHE = os.path.expanduser("~/.cache/rayft/prepared")
+
+
 def load_split(prepared: Prepared, split: str) -> Any:
-    """A prepared split as a map-style `datasets.Dataset` (what the HF trainer samples from)."""
+    """A prepared split as a map-style `datasets.Dataset` (what the HF trainer samples from),
+    memory-mapped: the parquet is streamed once per node into an Arrow file, so a dataset larger
+    than RAM is paged in as the sampler reaches it, and the workers on a node share one copy."""
     import datasets
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     paths = prepared.files(split)
     if not paths:
         return None
-    if "://" in paths[0]:
-        fs, _ = pafs.FileSystem.from_uri(paths[0])
-        table = pq.read_table([pafs.FileSystem.from_uri(p)[1] for p in paths], filesystem=fs, columns=TOKEN_COLUMNS)
+    # Named by the files themselves (Ray's file names are unique per write; local ones add size
+    # and mtime): a re-prepared dataset never reads a stale local copy.
+    identity = [p if "://" in p else f"{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}" for p in paths]
+    digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
+    local = os.path.join(LOCAL_CACHE, f"{digest}-{split}.arrow")
+    if not os.path.isfile(local):
+        _stream_to_arrow(paths, local)
+    return datasets.Dataset(pa.ipc.open_file(pa.memory_map(local)).read_all())
+
+
+def _stream_to_arrow(paths: list[str], local: str) -> None:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    staging = f"{local}.{os.getpid()}.tmp"
+    writer = None
+    try:
+        for path in paths:
+            fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (None, path)
+            source = pq.ParquetFile(inner, filesystem=fs) if fs else pq.ParquetFile(inner)
+            for batch in source.iter_batches(batch_size=1024, columns=TOKEN_COLUMNS):
+                if writer is None:
+                    writer = pa.ipc.new_file(staging, batch.schema)
+                writer.write_batch(batch)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
+    if writer is not None:
+        writer.close()
     else:
-        table = pq.read_table(paths, columns=TOKEN_COLUMNS)
-    return datasets.Dataset(table)
+        raise DataError(f"prepared data {paths[0]} has no rows")
+    os.replace(staging, local)  # atomic: workers converting at once all end with one whole file

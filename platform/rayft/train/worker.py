@@ -46,6 +46,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("chat_template"):
         tokenizer.chat_template = config["chat_template"]  # the template the data was rendered with
     model = load_model(spec, model_dir)
+    if spec.method.deepspeed:
+        from rayft.train.deepspeed_ops import load_ops, ops_needed
+
+        load_ops(ops_needed(config_for_deepspeed(spec), use_gpu=spec.scaling.use_gpu))
     train_dataset, eval_dataset = load_split(prepared, "train"), load_split(prepared, "eval")
 
     output_dir = tempfile.mkdtemp(prefix=f"rayft-{spec.run_name}-rank{rank}-")

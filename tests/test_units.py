@@ -1,0 +1,118 @@
+"""Small pure pieces: DeepSpeed configs from the spec, the sweep's search space, loading a prepared split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rayft.errors import SpecError
+from rayft.spec import load_spec
+
+BASE = {"model": {"path": "org/model"}, "data": {"train": "d.jsonl"}}
+
+
+def spec(**sections):
+    return load_spec(data={**BASE, **sections})
+
+
+@pytest.mark.parametrize("preset, stage, offload", [("zero2", 2, False), ("zero3", 3, False), ("zero3-offload", 3, True)])
+def test_deepspeed_presets(preset: str, stage: int, offload: bool) -> None:
+    from rayft.train.deepspeed import deepspeed_config
+
+    config = deepspeed_config(spec(method={"kind": "full", "deepspeed": preset}))
+    zero = config["zero_optimization"]
+    assert zero["stage"] == stage and ("offload_optimizer" in zero) == offload
+    # batch sizes and precision come from the trainer's own arguments, stated once in the spec
+    assert config["train_micro_batch_size_per_gpu"] == "auto" and config["bf16"] == {"enabled": "auto"}
+    assert config["zero_allow_untested_optimizer"] is True
+    if stage == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # one consolidated model at the end
+    if offload:
+        assert zero["offload_optimizer"]["pin_memory"] is False  # CPU workers: nothing to pin for
+
+
+def test_deepspeed_json_file_and_its_errors(tmp_path: Path) -> None:
+    from rayft.train.deepspeed import deepspeed_config
+
+    good = tmp_path / "ds.json"
+    good.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert deepspeed_config(spec(method={"deepspeed": str(good)}))["zero_optimization"]["stage"] == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "zero_optimization": {\n    "stage": 2,\n  }\n}')
+    with pytest.raises(SpecError, match=r"method.deepspeed: .*bad.json:4: not valid JSON"):
+        deepspeed_config(spec(method={"deepspeed": str(bad)}))
+    with pytest.raises(SpecError, match="no such DeepSpeed config"):
+        deepspeed_config(spec(method={"deepspeed": str(tmp_path / "missing.json")}))
+
+
+def test_search_space_domains() -> None:
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from rayft.tune import search_space
+
+    job = spec(tune={"search_space": {"train.learning_rate": {"loguniform": [1e-5, 1e-3]},
+                                      "method.lora.r": {"choice": [8, 16]}, "train.seed": {"randint": [1, 3]},
+                                      "train.epochs": {"grid": [1, 2]}}})
+    space = search_space(job.tune)
+    assert isinstance(space["train.learning_rate"], Float) and isinstance(space["method.lora.r"], Categorical)
+    assert isinstance(space["train.seed"], Integer) and space["train.seed"].upper == 4  # inclusive bounds
+    assert space["train.epochs"] == {"grid_search": [1, 2]}
+
+
+def test_bad_search_spaces_are_spec_errors() -> None:
+    from rayft.tune import data_variants, search_algorithm
+
+    with pytest.raises(SpecError, match="tune.search_space: .*train.learning_rate: loguniform takes a list of 2"):
+        spec(tune={"search_space": {"train.learning_rate": {"loguniform": [1e-5]}}})
+    with pytest.raises(SpecError, match="expected one of"):
+        spec(tune={"search_space": {"train.learning_rate": {"normal": [0, 1]}}})
+    optuna_grid = spec(tune={"search_space": {"train.epochs": {"grid": [1, 2]}}, "search_alg": "optuna"})
+    with pytest.raises(SpecError, match="grid values need tune.search_alg=random"):
+        search_algorithm(optuna_grid)
+    assert type(search_algorithm(spec(tune={"search_space": {"train.epochs": {"choice": [1, 2]}},
+                                            "search_alg": "optuna"}))).__name__ == "OptunaSearch"
+    with pytest.raises(SpecError, match="sweeping data.max_length needs grid or choice values"):
+        data_variants(spec(tune={"search_space": {"data.max_length": {"randint": [64, 512]}}}))
+    variants = data_variants(spec(tune={"search_space": {"data.max_length": {"grid": [64, 128]},
+                                                         "data.packing": {"choice": [True, False]},
+                                                         "train.learning_rate": {"uniform": [0.1, 0.2]}}}))
+    assert len(variants) == 4 and {"data.max_length": 64, "data.packing": True} in variants
+
+
+def test_trial_spec_applies_params_and_groups_under_the_sweep() -> None:
+    from rayft.tune import trial_spec
+
+    job = spec(tune={"search_space": {"train.learning_rate": {"grid": [1e-3]}}}, run={"name": "sweep"})
+    trial = trial_spec(job.model_dump(mode="json"), {"train.learning_rate": 0.5, "method.lora.r": 4},
+                       sweep="sweep", trial="trial-1", trial_storage="/s/sweep/trials", prepared="/s/prepared")
+    assert (trial.train.learning_rate, trial.method.lora.r) == (0.5, 4)
+    assert (trial.run.name, trial.run.storage_path, trial.data.cache_dir) == ("trial-1", "/s/sweep/trials", "/s/prepared")
+    assert trial.tracking.wandb.group == "sweep" and trial.tune is None and not trial.eval.before_after
+
+
+def test_load_split_streams_parquet_into_one_memory_mapped_local_copy(tmp_path: Path, monkeypatch) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayft.data import prepare
+
+    monkeypatch.setattr(prepare, "LOCAL_CACHE", str(tmp_path / "local"))
+    rows = [{"input_ids": [i, i + 1], "labels": [-100, i + 1], "seq_lengths": [2], "sample_ids": [i], "text": "x"}
+            for i in range(2500)]
+    files = [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
+    pq.write_table(pa.Table.from_pylist(rows[:1200]), files[0])
+    pq.write_table(pa.Table.from_pylist(rows[1200:]), files[1])
+    prepared = prepare.Prepared(root=str(tmp_path), key="k", stats={"files": {"train": files}})
+
+    dataset = prepare.load_split(prepared, "train")
+    assert dataset.column_names == prepare.TOKEN_COLUMNS  # only what training reads
+    assert len(dataset) == 2500 and dataset[1300]["sample_ids"] == [1300] and dataset[7]["labels"] == [-100, 8]
+    [copy] = (tmp_path / "local").iterdir()
+    assert copy.suffix == ".arrow" and not list((tmp_path / "local").glob("*.tmp"))
+    # the second worker on the node maps the same copy; a re-written split gets a new one
+    assert len(prepare.load_split(prepared, "train")) == 2500 and len(list((tmp_path / "local").iterdir())) == 1
+    pq.write_table(pa.Table.from_pylist(rows[:10]), files[1])
+    assert len(prepare.load_split(prepared, "train")) == 1210
+    assert prepare.load_split(prepared, "eval") is None
