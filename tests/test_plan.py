@@ -202,7 +202,10 @@ def test_tokens_come_from_the_prepared_data(tmp_path: Path, tiny_llama: Path, ch
     from rayft.data.templates import resolve_template
     from rayft.model import load_tokenizer
 
-    spec = load_spec(data=spec_dict(tiny_llama, chat_data, tmp_path))
+    # its own cache: the suite's shared one may hold this data already
+    job = spec_dict(tiny_llama, chat_data, tmp_path)
+    job["data"]["cache_dir"] = str(tmp_path / "prepared")
+    spec = load_spec(data=job)
     assert estimate(spec).tokens is None
     tokenizer = load_tokenizer(spec, str(tiny_llama))
     sources = spec.data.train + (spec.data.eval or [])

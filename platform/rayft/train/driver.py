@@ -163,8 +163,9 @@ def train(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
     owned_tracker = tracker is None
     tracker = start_tracker(spec, tracker)
     tracker_key = f"{run_dir}#{(trial or {}).get('name', '')}"
-    if tracker is not None:
-        log(f"wandb: {ray.get(tracker.start.remote(tracker_key, run_settings(spec, run_dir, trial)))}")
+    notices = {}
+    if tracker is not None:  # W&B starts while the workers do: its location is printed when ready
+        notices[tracker.start.remote(tracker_key, run_settings(spec, run_dir, trial))] = "wandb"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "model_dir": model_dir,
@@ -174,7 +175,7 @@ def train(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
         scaling_config=scaling_config(spec),
         run_config=run_config(spec, callbacks, has_eval),
     )
-    with ProgressPrinter(board, log, waiting=(lambda: waiting) if waiting else None) as printer:
+    with ProgressPrinter(board, log, waiting=(lambda: waiting) if waiting else None, notices=notices) as printer:
         try:
             result = trainer.fit()
         except Exception as exc:

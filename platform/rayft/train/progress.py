@@ -54,8 +54,11 @@ class ProgressPrinter:
     `every` seconds); quiet while nothing happens."""
 
     def __init__(self, board: Any, log: Callable[[str], None], every: float = 2.0,
-                 waiting: Callable[[], str | None] | None = None):
+                 waiting: Callable[[], str | None] | None = None, notices: dict[Any, str] | None = None):
+        """`notices`: object refs whose values are printed, after their label, once ready
+        (things started alongside training, such as the W&B run, that training need not wait for)."""
         self.board, self.log, self.every, self.waiting = board, log, every, waiting
+        self.notices = dict(notices or {})
         self.done = threading.Event()
         self.first_step_at: float | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -67,10 +70,23 @@ class ProgressPrinter:
     def __exit__(self, *exc: Any) -> None:
         self.done.set()
         self.thread.join(timeout=5)
+        self._print_ready_notices()  # a run shorter than one poll still says where it was tracked
+
+    def _print_ready_notices(self) -> None:
+        if not self.notices:
+            return
+        ready, _ = ray.wait(list(self.notices), num_returns=len(self.notices), timeout=0)
+        for ref in ready:
+            label = self.notices.pop(ref)
+            try:
+                self.log(f"{label}: {ray.get(ref)}")
+            except Exception as exc:  # noqa: BLE001 - a tracker failure must not stop training
+                self.log(f"{label}: not tracking this run: {str(exc).strip().splitlines()[-1]}")
 
     def _run(self) -> None:
         seen, last_line, last_wait = -1, "", 0.0
         while not self.done.wait(self.every):
+            self._print_ready_notices()
             try:
                 version, state = ray.get(self.board.read.remote(), timeout=5)
             except Exception:

@@ -63,6 +63,8 @@ class Tracker:
 
     def __init__(self) -> None:
         self.runs: dict[str, Any] = {}
+        # Training does not wait for `start`; a worker's log that overtakes it waits here.
+        self.early: dict[str, list[tuple[dict[str, Any], int]]] = {}
 
     def start(self, key: str, settings: dict[str, Any]) -> str:
         import wandb
@@ -71,12 +73,16 @@ class Tracker:
             os.makedirs(settings["dir"], exist_ok=True)
             self.runs[key] = wandb.init(**settings, resume="allow", reinit="create_new",
                                         settings=wandb.Settings(console="off", silent=True))
+            for values, step in self.early.pop(key, []):
+                self.runs[key].log(values, step=step)
         return self._location(self.runs[key])
 
     def log(self, key: str, values: dict[str, Any], step: int) -> None:
         run = self.runs.get(key)
         if run is not None:
             run.log(values, step=step)
+        else:
+            self.early.setdefault(key, []).append((values, step))
 
     def summarize(self, key: str, summary: dict[str, Any]) -> None:
         run = self.runs.get(key)
