@@ -6,6 +6,7 @@ import json
 import os
 import platform as stdlib_platform
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -14,6 +15,15 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / "work"  # scratch (git-ignored)
 REPO = Path(__file__).resolve().parents[1]
+RAYFT = str(Path(sys.executable).parent / "rayft")  # the CLI of the environment running the bench
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for `rayft` subprocesses: one thread per process (STACK.md), and an
+    embedded local Ray rather than whatever cluster RAY_ADDRESS points at."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
 
 
 def machine() -> dict[str, Any]:

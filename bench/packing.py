@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, WORK, record  # noqa: E402
+from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -81,9 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     storage = WORK / "packing-bench"
     storage.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    rayft = str(Path(sys.executable).parent / "rayft")
+    env = cli_env()
     from rayft.data.prepare import read_stats
     from rayft.model import materialized_dir
     from rayft.spec import load_spec
@@ -96,7 +93,7 @@ def main() -> None:
             "data": {"train": str(ALPACA), "format": "alpaca", "template": "tokenizer", "max_length": 512,
                      "eval_fraction": 0.0, "packing": packed},
             "run": {"storage_path": str(storage)}}))
-        output = subprocess.run([rayft, "prepare", str(spec_path)], check=True, env=env, capture_output=True, text=True).stdout
+        output = subprocess.run([RAYFT, "prepare", str(spec_path)], check=True, env=env, capture_output=True, text=True).stdout
         root = output.rsplit("prepared: ", 1)[1].strip().splitlines()[0]
         stats = read_stats(root)
         files = stats["files"]["train"]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, WORK, record  # noqa: E402
+from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -79,12 +79,10 @@ def main() -> None:
         "data": {"train": str(data), "format": "alpaca", "template": "tokenizer", "max_length": 1024,
                  "eval_fraction": 0.0},
         "run": {"storage_path": str(storage)}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    rayft = str(Path(sys.executable).parent / "rayft")
+    env = cli_env()
 
     started = time.time()
-    subprocess.run([rayft, "prepare", str(spec_path), "--force"], check=True, env=env, capture_output=True)
+    subprocess.run([RAYFT, "prepare", str(spec_path), "--force"], check=True, env=env, capture_output=True)
     rayft_wall = time.time() - started
     from rayft.data.prepare import read_stats
     from rayft.spec import load_spec

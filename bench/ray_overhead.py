@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, WORK, record  # noqa: E402
+from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -49,15 +48,13 @@ def main() -> None:
     storage.mkdir(parents=True, exist_ok=True)
     spec_path = storage / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(bench_spec(args.steps, storage)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    rayft = str(Path(sys.executable).parent / "rayft")
+    env = cli_env(WANDB_MODE="disabled")
 
     # Warm the caches both runs share (GGUF -> safetensors, tokenized data), outside the timings.
-    subprocess.run([rayft, "prepare", str(spec_path)], check=True, env=env, capture_output=True)
+    subprocess.run([RAYFT, "prepare", str(spec_path)], check=True, env=env, capture_output=True)
 
     started = time.time()
-    subprocess.run([rayft, "train", str(spec_path), "--fresh", "--no-compare"], check=True, env=env,
+    subprocess.run([RAYFT, "train", str(spec_path), "--fresh", "--no-compare"], check=True, env=env,
                    capture_output=True)
     rayft_wall = time.time() - started
     summary = json.loads((storage / "ray-overhead" / "summary.json").read_text())

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, WORK, record  # noqa: E402
+from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -46,9 +45,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     storage = WORK / "sweep-bench"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    rayft = str(Path(sys.executable).parent / "rayft")
+    env = cli_env()
     runs = {}
     for scheduler in ("none", "asha"):
         name = f"sweep-{scheduler}"
@@ -56,7 +53,7 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(sweep_spec(storage, name, scheduler, args.steps)))
         started = time.time()
-        subprocess.run([rayft, "tune", str(path), "--fresh"], check=True, env=env, capture_output=True)
+        subprocess.run([RAYFT, "tune", str(path), "--fresh"], check=True, env=env, capture_output=True)
         wall = time.time() - started
         result = json.loads((storage / name / "sweep.json").read_text())
         best = next(t for t in result["trials"] if t["name"] == result["best"])
