@@ -63,12 +63,15 @@ def test_sweep_with_asha_failures_resume_tracking_and_best_yaml(ray_cluster: Any
             if run["history"]:
                 runs.setdefault(run["name"], []).append(run)
     trained = {t["name"] for t in result["trials"] if t["status"] != "failed"}
+    status = {t["name"]: t["status"] for t in result["trials"]}
     assert set(runs) == trained
     for name, segments in runs.items():
         assert all(run["group"] == "lr-sweep" for run in segments)
         # A trial running when the first driver was killed has a segment that never ended
         # cleanly (its tracker died with the driver); the resumed segment, the last, ends cleanly.
         assert segments[-1]["exit_code"] == 0, [run["exit_code"] for run in segments]
+        if status[name] == "stopped early":  # finished by the sweep, not marked as crashed
+            assert segments[-1]["summary"].get("status") == "stopped early", segments[-1]["summary"]
         assert any(any("eval/loss" in row for row in run["history"]) for run in segments)
         assert segments[0]["config"]["trial_params"]["train.learning_rate"] in RATES
         assert segments[0]["config"]["model"]["path"] == str(tiny_llama)

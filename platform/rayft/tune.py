@@ -152,7 +152,6 @@ def search_algorithm(spec: JobSpec) -> Any:
 
 
 def sweep(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = print) -> SweepResult:
-    import ray
     from ray import tune
 
     from rayft.data.prepare import prepare, prepared_base
@@ -195,11 +194,11 @@ def sweep(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
                                       failure_config=tune.FailureConfig(max_failures=0)))
     try:
         results = tuner.fit()
-    finally:
-        if tracker is not None:
-            ray.get(tracker.finish_all.remote("stopped early"))
-            ray.kill(tracker)
+    except BaseException:
+        _finish_tracking(tracker, {}, default="interrupted")
+        raise
     trials = [summarize(result, spec.tune.metric) for result in results]
+    _finish_tracking(tracker, {trial.name: trial.status for trial in trials}, default="stopped early")
     best = pick_best(trials, spec.tune.mode)
     best_path = write_best_spec(spec, best, directory) if best else None
     from rayft.sweep_plots import plot_sweep
@@ -210,6 +209,14 @@ def sweep(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
                                                    "best": best.name if best else None})
     return SweepResult(name, directory, spec.tune.metric, spec.tune.mode, trials, best, best_path, plot,
                        time.time() - started, resumed)
+
+
+def _finish_tracking(tracker: Any, status_by_trial: dict[str, str], default: str) -> None:
+    import ray
+
+    if tracker is not None:
+        ray.get(tracker.finish_all.remote(status_by_trial, default))
+        ray.kill(tracker)
 
 
 def summarize(result: Any, metric: str) -> Trial:

@@ -179,7 +179,9 @@ def train(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
         try:
             result = trainer.fit()
         except Exception as exc:
-            _finish_tracking(tracker, tracker_key, owned_tracker, exit_code=1)  # keep what was logged
+            if owned_tracker:  # keep what was logged; a sweep's trial is finished by the sweep,
+                # which knows whether Tune stopped it (an early stop is no failure) or it failed
+                _finish_tracking(tracker, tracker_key, owned_tracker, exit_code=1)
             raise (user_error_in(exc) or _training_failed(exc)) from None
     first_step_at = printer.first_step_at or started
     ray.kill(board)

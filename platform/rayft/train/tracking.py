@@ -99,12 +99,16 @@ class Tracker:
         run.finish(exit_code=exit_code)
         return location
 
-    def finish_all(self, note: str) -> list[str]:
-        """Runs whose training ended without a finish (a trial stopped early, a failed run)."""
+    def finish_all(self, status_by_trial: dict[str, str], default: str) -> list[str]:
+        """Finish the runs a sweep's trials left open: a trial that Tune stopped is killed, or
+        interrupted mid-fit, before it can finish its own run. Each run gets its trial's final
+        status ("stopped early", "failed", ...; `default` for trials Tune did not report);
+        only a failed one exits non-zero."""
         finished = []
         for key in list(self.runs):
-            self.runs[key].summary["status"] = note
-            finished.append(self.finish(key))
+            status = status_by_trial.get(key.rsplit("#", 1)[-1], default)
+            self.runs[key].summary["status"] = status
+            finished.append(self.finish(key, exit_code=1 if status == "failed" else 0))
         return [location for location in finished if location]
 
     @staticmethod
