@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
-
 import yaml  # noqa: E402
+
+from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
 
 ALPACA = REPO.parent / "shared" / "data" / "alpaca_5000.json"
 MICRO_BATCH = 4
@@ -81,7 +81,7 @@ def main() -> None:
     storage = WORK / "packing-bench"
     storage.mkdir(parents=True, exist_ok=True)
     env = cli_env()
-    from rayft.data.prepare import read_stats
+    from rayft.data.prepared import read_stats
     from rayft.model import materialized_dir
     from rayft.spec import load_spec
 

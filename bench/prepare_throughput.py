@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
-
 import yaml  # noqa: E402
+
+from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
 
 ALPACA = REPO.parent / "shared" / "data" / "alpaca_5000.json"
 
@@ -84,9 +84,9 @@ def main() -> None:
     started = time.time()
     subprocess.run([RAYFT, "prepare", str(spec_path), "--force"], check=True, env=env, capture_output=True)
     rayft_wall = time.time() - started
-    from rayft.data.prepare import read_stats
-    from rayft.spec import load_spec
+    from rayft.data.prepared import read_stats
     from rayft.model import materialized_dir
+    from rayft.spec import load_spec
 
     spec = load_spec(spec_path)
     prepared = sorted((storage / "prepared").glob("*/stats.json"), key=lambda p: p.stat().st_mtime)[-1]

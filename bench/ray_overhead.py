@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
-
 import yaml  # noqa: E402
+
+from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
 
 
 def bench_spec(steps: int, storage: Path) -> dict:

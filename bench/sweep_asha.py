@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
-
 import yaml  # noqa: E402
+
+from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
 
 RATES = [3e-2, 1e-2, 1e-5, 3e-6, 1e-6, 3e-7]
 

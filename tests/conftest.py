@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,10 @@ os.environ.update({
     "TQDM_DISABLE": "1",
 })
 os.environ.pop("WANDB_API_KEY", None)
+# Ray 2.60 clusters use token authentication. The suite's clusters get a token of their own,
+# in the environment that `ray start`, the clients and the CLI subprocesses all inherit: a fresh
+# machine has no ~/.ray/auth_token, and a developer's own token stays untouched.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 CHATML = (
     "{% for message in messages %}"
@@ -73,7 +78,7 @@ def ray_cluster() -> Cluster:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=180, env=env)
     cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}")
-    from rayft.cluster import connect
+    from rayft.launch.cluster import connect
 
     connect(cluster.address)
     yield cluster
@@ -146,7 +151,7 @@ def build_llama(directory: Path, tokenizer: Any, seed: int = 0, **config: Any) -
 
 @pytest.fixture(scope="session")
 def sample_records() -> tuple[list[dict], list[dict]]:
-    from rayft import samples
+    from rayft.data import quickstart as samples
 
     return samples.generate(seed=0)
 
@@ -197,7 +202,7 @@ atexit.register(shutil.rmtree, PREPARED_CACHE, True)
 
 def spec_dict(model: Path, data: dict[str, Path], storage: Path, **sections: Any) -> dict[str, Any]:
     """A small, fast job spec; sections given as keyword arguments are merged in."""
-    from rayft.specfile import deep_merge
+    from rayft.spec.yamlfile import deep_merge
 
     base = {
         "model": {"path": str(model)},

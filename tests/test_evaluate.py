@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from conftest import spec_dict
-from rayft.eval_loss import HeldOutLoss, row_losses, shard_count, shard_ranges
-from rayft.evaluate import normalize, rouge_l, score, token_f1
+from rayft.eval.loss import HeldOutLoss, row_losses
+from rayft.eval.tasks import shard_count, shard_ranges
+from rayft.eval.scoring import normalize, rouge_l, score, token_f1
 from rayft.spec import load_spec
 
 STEPS = 8
@@ -110,22 +111,24 @@ def test_shard_count_follows_the_data_and_the_cluster(monkeypatch: pytest.Monkey
 # ------------------------------------------------------------------- a real run (slow)
 @pytest.fixture(scope="module")
 def run(ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from rayft.evaluate import before_after
-    from rayft.train.driver import train
+    from rayft.eval.compare import before_after
+    from rayft.train.driver import fit
+    from rayft.train.run import plan_run
 
     storage = tmp_path_factory.mktemp("runs")
     spec = load_spec(data=spec_dict(tiny_llama, chat_data, storage, run={"name": "eval-run"},
                                     train={"max_steps": STEPS, "eval_every": 2, "save_every": 4, "learning_rate": 1e-2},
                                     eval={"num_prompts": 4, "max_new_tokens": 8}))
-    summary = train(spec, log=lambda _: None)
-    comparison = before_after(spec, summary)
-    return {"spec": spec, "summary": summary, "comparison": comparison}
+    plan = plan_run(spec, log=lambda _: None)
+    summary = fit(plan, log=lambda _: None)
+    comparison = before_after(plan, summary)
+    return {"spec": spec, "plan": plan, "summary": summary, "comparison": comparison}
 
 
 def eval_split(summary: Any) -> Any:
-    from rayft.data.prepare import Prepared, load_split, read_stats
+    from rayft.data.prepared import Prepared, load_split
 
-    return load_split(Prepared(summary.prepared, "", read_stats(summary.prepared)), "eval")
+    return load_split(Prepared.read(summary.prepared), "eval")
 
 
 @pytest.mark.slow
@@ -156,11 +159,11 @@ def test_base_and_tuned_are_scored_on_the_same_tokens(run: dict[str, Any]) -> No
 
 @pytest.mark.slow
 def test_sharded_loss_equals_unsharded_loss(run: dict[str, Any], tiny_llama: Path) -> None:
-    from rayft.eval_loss import held_out_loss
+    from rayft.eval.loss import held_out_loss
 
     spec, summary = run["spec"], run["summary"]
     one = run["comparison"].loss["base"]
-    four = held_out_loss(spec, {"base": (str(tiny_llama), None)}, summary.prepared, shards=4)["base"]
+    four = held_out_loss(spec, {"base": (str(tiny_llama), None)}, run["plan"].prepared, shards=4)["base"]
     assert (one.shards, four.shards) == (1, 4)
     assert (four.rows, four.tokens, four.tokens_digest) == (one.rows, one.tokens, one.tokens_digest)
     assert four.loss == one.loss  # same batches, exact sums: not just close
@@ -181,16 +184,18 @@ def test_evaluate_run_on_the_final_model_and_on_a_checkpoint(run: dict[str, Any]
     """`rayft eval SPEC [--checkpoint PATH]`: data from the cache, the same numbers as at the
     end of training for the final model, other numbers for an earlier checkpoint. The
     checkpoint is given as a URI: the object-storage path (download where the task runs)."""
-    from rayft.evaluate import evaluate_run
+    from rayft.eval.compare import evaluate_run
+    from rayft.train.run import plan_run
 
     spec, summary = run["spec"], run["summary"]
     lines: list[str] = []
-    final, path = evaluate_run(spec, log=lines.append)
+    plan = plan_run(spec, log=lines.append, resume=False)
+    final, path = evaluate_run(plan)
     assert path == f"{summary.run_dir}/eval.json"
     assert any("reusing prepared data" in line for line in lines)
     assert final.loss["tuned"].loss == pytest.approx(run["comparison"].loss["tuned"].loss, rel=1e-9)
     checkpoint = Path(summary.run_dir) / "checkpoint_000004"
-    earlier, path = evaluate_run(spec, f"file://{checkpoint}", log=lines.append)
+    earlier, path = evaluate_run(plan, f"file://{checkpoint}")
     assert path == f"{summary.run_dir}/eval-checkpoint_000004.json" and Path(path).is_file()
     assert earlier.loss["base"].loss == final.loss["base"].loss
     assert earlier.loss["tuned"].loss != final.loss["tuned"].loss
@@ -199,19 +204,20 @@ def test_evaluate_run_on_the_final_model_and_on_a_checkpoint(run: dict[str, Any]
 @pytest.mark.slow
 def test_evaluate_run_without_a_trained_model_says_so(run: dict[str, Any], tmp_path: Path) -> None:
     from rayft.errors import ModelError
-    from rayft.evaluate import evaluate_run
+    from rayft.eval.compare import evaluate_run
+    from rayft.train.run import plan_run
 
     spec = run["spec"].model_copy(deep=True)
     spec.run.name = "never-trained"
     with pytest.raises(ModelError, match="never-trained/model does not exist: train it first"):
-        evaluate_run(spec)
+        evaluate_run(plan_run(spec, log=lambda _: None, resume=False))
 
 
 @pytest.mark.slow
 def test_report_of_the_real_run(run: dict[str, Any]) -> None:
     from PIL import Image
 
-    from rayft.report import build_report
+    from rayft.eval.report import build_report
 
     summary, loss = run["summary"], run["comparison"].loss
     report = build_report(summary.run_dir)
@@ -248,7 +254,7 @@ metric_list:
 @pytest.mark.slow
 def test_lm_eval_harness_on_a_local_task(run: dict[str, Any], tiny_llama: Path, tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
-    from rayft.lm_harness import HarnessError, compare_on_tasks
+    from rayft.eval.harness import HarnessError, compare_on_tasks
 
     questions = [{"question": "What is 2 plus 2?", "choices": ["4", "5", "22"], "label": 0},
                  {"question": "What is the capital of France?", "choices": ["Paris", "Rome"], "label": 0},

@@ -11,14 +11,15 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jsonschema
 import pytest
 import yaml
 
-from rayft import k8s
+from rayft.launch import k8s
 from rayft.errors import SpecError
 from rayft.spec import JobSpec, load_spec
 

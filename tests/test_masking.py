@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rayft.data.templates import BUILTIN_TEMPLATES, ChatTemplate, resolve_template
-from rayft.data.tokenize import IGNORE, encode_conversations, encode_texts, truncate, Encoded
+from rayft.data.tokenize import IGNORE, Encoded, encode_conversations, encode_texts, truncate
 from rayft.errors import SpecError
 
 CONVERSATIONS = {

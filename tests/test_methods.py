@@ -139,7 +139,7 @@ def test_qlora_gradients_survive_evaluation(wide_llama: Path) -> None:
     after evaluation equal those before it, and the loss keeps falling. Without rayft's fix,
     bitsandbytes on AVX512-BF16 CPUs repacks the 4-bit weights at the evaluation and the
     gradients come out wrong; the second half proves this test would catch that."""
-    from rayft import model as model_module
+    from rayft.model import loading as model_module
 
     spec = load_spec(data={"model": {"path": str(wide_llama)}, "data": {"train": "x.jsonl"},
                            "method": {"kind": "qlora", "lora": {"r": 8, "dropout": 0.0}}})
@@ -224,7 +224,7 @@ def test_export_merges_qlora_into_its_dequantized_base(method_runs: dict[str, An
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rayft.model import bnb_config, disable_avx512_repack
+    from rayft.model.loading import bnb_config, disable_avx512_repack
 
     spec, summary = method_runs["qlora"]
     out = tmp_path / "merged-qlora"

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from rayft.errors import SpecError
-from rayft.plan import GiB, estimate, render
-from rayft.plan_shapes import KNOWN_SHAPES, model_shape
+from rayft.cli.plan_view import render
+from rayft.plan import GiB, estimate
+from rayft.plan.shapes import KNOWN_SHAPES, model_shape
 from rayft.spec import load_spec
 
 HERE = Path(__file__).resolve().parent
@@ -28,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 def job(model_path: str = "meta-llama/Llama-3.1-8B", **sections: Any) -> Any:
     """A spec for `model_path` with the given sections merged over small defaults."""
-    from rayft.specfile import deep_merge
+    from rayft.spec.yamlfile import deep_merge
 
     base = {"model": {"path": model_path}, "data": {"train": "data.jsonl", "max_length": 2048},
             "train": {"global_batch_size": 8, "micro_batch_size": 2}, "scaling": {"num_workers": 1}}
@@ -197,9 +198,7 @@ def test_70b_qlora_on_8_a100_renders_and_serializes() -> None:
 
 def test_tokens_come_from_the_prepared_data(tmp_path: Path, tiny_llama: Path, chat_data: dict[str, Path]) -> None:
     from conftest import spec_dict
-    from rayft.data.prepare import cache_key, prepared_root
-    from rayft.data.sources import expand
-    from rayft.data.templates import resolve_template
+    from rayft.data.cache import locate
     from rayft.model import load_tokenizer
 
     # its own cache: the suite's shared one may hold this data already
@@ -207,10 +206,7 @@ def test_tokens_come_from_the_prepared_data(tmp_path: Path, tiny_llama: Path, ch
     job["data"]["cache_dir"] = str(tmp_path / "prepared")
     spec = load_spec(data=job)
     assert estimate(spec).tokens is None
-    tokenizer = load_tokenizer(spec, str(tiny_llama))
-    sources = spec.data.train + (spec.data.eval or [])
-    key = cache_key(spec, tokenizer, resolve_template(spec.data.template, tokenizer), [expand(s.path) for s in sources])
-    root = Path(prepared_root(spec, key))
+    root = Path(locate(spec, load_tokenizer(spec, str(tiny_llama))).root)
     root.mkdir(parents=True)
     (root / "stats.json").write_text(json.dumps({"splits": {"train": {"tokens": 12345, "rows": 64}}}))
     plan = estimate(spec)
@@ -325,13 +321,14 @@ def _measure(args: dict[str, Any]) -> dict[str, Any]:
 
     from conftest import build_tokenizer
     from rayft.model import load_model
-    from rayft.train.worker import sft_config
+    from rayft.spec import StepPlan
+    from rayft.train.trainer import sft_config
 
     def status(key: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 
     def trainer_for(spec: Any, model_dir: str, rows: list[dict[str, Any]], out: str) -> Any:
-        config = sft_config(spec, out, has_eval=False, steps={"save_every": 10 ** 6})
+        config = sft_config(spec, out, has_eval=False, steps=StepPlan(1, 1, 10 ** 6, 10 ** 6))
         config.save_strategy, config.logging_steps = "no", 10 ** 6
         return SFTTrainer(model=load_model(spec, model_dir), args=config, train_dataset=datasets.Dataset.from_list(rows),
                           processing_class=tokenizer, data_collator=DataCollatorForLanguageModeling(pad_token_id=0))

@@ -16,7 +16,8 @@ import yaml
 
 from conftest import run_cli
 from rayft.errors import RunNotFound
-from rayft.report import build_report, curves, overfitting, plot_png
+from rayft.eval.figures import plot_png
+from rayft.eval.report import build_report, curves, overfitting
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = 40

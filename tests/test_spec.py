@@ -159,7 +159,7 @@ def test_secrets_never_appear_in_a_printed_spec(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_redaction_by_key_name_spares_ordinary_fields() -> None:
-    from rayft.specfile import redact
+    from rayft.spec.secrets import redact
 
     redacted = redact({"hf_token": "abc", "api_key": "k", "secret": "s", "max_new_tokens": 64,
                        "trained_tokens": 5, "nested": {"wandb-api-key": "z"}})

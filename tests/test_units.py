@@ -50,7 +50,7 @@ def test_deepspeed_json_file_and_its_errors(tmp_path: Path) -> None:
 def test_search_space_domains() -> None:
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    from rayft.tune import search_space
+    from rayft.tune.space import search_space
 
     job = spec(tune={"search_space": {"train.learning_rate": {"loguniform": [1e-5, 1e-3]},
                                       "method.lora.r": {"choice": [8, 16]}, "train.seed": {"randint": [1, 3]},
@@ -62,7 +62,7 @@ def test_search_space_domains() -> None:
 
 
 def test_bad_search_spaces_are_spec_errors() -> None:
-    from rayft.tune import data_variants, search_algorithm
+    from rayft.tune.space import data_variants, search_algorithm
 
     with pytest.raises(SpecError, match="tune.search_space: .*train.learning_rate: loguniform takes a list of 2"):
         spec(tune={"search_space": {"train.learning_rate": {"loguniform": [1e-5]}}})
@@ -82,7 +82,7 @@ def test_bad_search_spaces_are_spec_errors() -> None:
 
 
 def test_trial_spec_applies_params_and_groups_under_the_sweep() -> None:
-    from rayft.tune import trial_spec
+    from rayft.tune.space import trial_spec
 
     job = spec(tune={"search_space": {"train.learning_rate": {"grid": [1e-3]}}}, run={"name": "sweep"})
     trial = trial_spec(job.model_dump(mode="json"), {"train.learning_rate": 0.5, "method.lora.r": 4},
@@ -96,7 +96,7 @@ def test_load_split_streams_parquet_into_one_memory_mapped_local_copy(tmp_path: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rayft.data import prepare
+    from rayft.data import prepared as prepare
 
     monkeypatch.setattr(prepare, "LOCAL_CACHE", str(tmp_path / "local"))
     rows = [{"input_ids": [i, i + 1], "labels": [-100, i + 1], "seq_lengths": [2], "sample_ids": [i], "text": "x"}

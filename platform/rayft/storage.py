@@ -1,84 +1,119 @@
-"""Run directories in local/NFS paths or object storage (s3://, gs://) through pyarrow's
-filesystems, the same layer Ray Train uses for checkpoints."""
+"""Where files live: a local (or NFS) path or an object-store URI (s3://, gs://), read and
+written through pyarrow's filesystems, the same layer Ray Train uses for checkpoints.
+
+`Location` is the one place that tells a URI from a local path and expands `~`: every other
+module asks it (`is_remote`, `location`), so `run.storage_path: ~/runs` means `$HOME/runs` for
+checkpoints, prepared data and converted models alike.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
-from rayft.spec import JobSpec
-
-FINAL_METRICS = "final_metrics.json"  # a run's summary, written by rank 0 when training ends
+SCHEME_SEPARATOR = "://"
 
 
-# What processes that read or write object storage need from the environment, by URI scheme.
-CREDENTIAL_ENV = {
-    "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-           "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"),
-    "gs": ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT"),
-}
+def is_remote(path: str) -> bool:
+    """An object-store (or other fsspec-style) URI rather than a path on this machine."""
+    return SCHEME_SEPARATOR in path
 
 
-def credential_env(path: str) -> dict[str, str]:
-    """The driver's storage credentials for `path`, to pass to workers and Ray Data tasks (by
-    value in their runtime environment, never in a file)."""
-    scheme = path.split("://", 1)[0] if "://" in path else ""
-    return {name: os.environ[name] for name in CREDENTIAL_ENV.get(scheme, ()) if name in os.environ}
+def scheme(path: str) -> str:
+    """'s3' for s3://bucket/key, 'file' for file:///x, '' for a plain path."""
+    return path.split(SCHEME_SEPARATOR, 1)[0].lower() if is_remote(path) else ""
 
 
-def storage_root(spec: JobSpec) -> str:
-    storage = spec.run.storage_path
-    return storage.rstrip("/") if "://" in storage else os.path.abspath(os.path.expanduser(storage))
+@dataclass(frozen=True)
+class Location:
+    """A normalized storage location: a URI without a trailing slash, or an absolute local path
+    with `~` expanded. `str(location)` is what is stored and printed."""
+
+    path: str
+
+    @classmethod
+    def of(cls, path: str) -> Location:
+        if is_remote(path):
+            return cls(path.rstrip("/"))
+        return cls(os.path.abspath(os.path.expanduser(path)))
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.path)
+
+    @property
+    def scheme(self) -> str:
+        return scheme(self.path)
+
+    def join(self, *parts: str) -> Location:
+        return Location("/".join([self.path.rstrip("/"), *(p.strip("/") for p in parts)]))
+
+    def filesystem(self) -> tuple[Any, str]:
+        """(pyarrow filesystem, path inside it)."""
+        return filesystem(self.path)
+
+    def __str__(self) -> str:
+        return self.path
 
 
-def run_dir(spec: JobSpec) -> str:
-    return f"{storage_root(spec)}/{spec.run_name}"
+def location(path: str) -> str:
+    """`Location.of(path)` as a string: the form every stored path takes."""
+    return Location.of(path).path
 
 
-def _fs(path: str) -> tuple[Any, str]:
+def filesystem(path: str) -> tuple[Any, str]:
     import pyarrow.fs as pafs
 
-    if "://" in path:
+    if is_remote(path):
         return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
 def exists(path: str) -> bool:
     import pyarrow.fs as pafs
 
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
 
 
 def upload_dir(local: str, target: str) -> None:
     """Copy a local directory to `target`, replacing what was there."""
-    if "://" not in target:
+    if not is_remote(target):
         if os.path.exists(target):
             shutil.rmtree(target)
         shutil.copytree(local, target)
         return
     import pyarrow.fs as pafs
 
-    fs, inner = _fs(target)
+    fs, inner = filesystem(target)
     if exists(target):
         fs.delete_dir(inner)
     pafs.copy_files(local, inner, destination_filesystem=fs)
 
 
 def download_dir(source: str, local: str) -> str:
-    if "://" not in source:
+    """A local directory with `source`'s files: `source` itself when it is local."""
+    if not is_remote(source):
         return source
     import pyarrow.fs as pafs
 
-    fs, inner = _fs(source)
+    fs, inner = filesystem(source)
     pafs.copy_files(inner, local, source_filesystem=fs)
     return local
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     fs.create_dir(os.path.dirname(inner), recursive=True)
     with fs.open_output_stream(inner) as out:
         out.write(data)
@@ -89,7 +124,8 @@ def write_text(path: str, text: str) -> None:
 
 
 def read_text(path: str) -> str | None:
-    fs, inner = _fs(path)
+    """The file's text, or None when it does not exist (or cannot be read)."""
+    fs, inner = filesystem(path)
     try:
         with fs.open_input_stream(inner) as handle:
             return handle.read().decode("utf-8")
@@ -101,13 +137,36 @@ def write_json(path: str, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, default=str))
 
 
+def read_json(path: str) -> Any | None:
+    text = read_text(path)
+    return json.loads(text) if text else None
+
+
 def delete_file(path: str) -> None:
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     if exists(path):
         fs.delete_file(inner)
 
 
 def delete_dir(path: str) -> None:
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     if exists(path):
         fs.delete_dir(inner)
+
+
+def move_dir(source: str, target: str) -> None:
+    """Rename a directory within one filesystem (atomic on a local disk)."""
+    fs, inner = filesystem(source)
+    _, target_inner = filesystem(target)
+    fs.move(inner, target_inner)
+
+
+def list_files(path: str, suffix: str = "") -> list[str]:
+    """Names (not paths) of the files directly inside a directory, sorted."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        return []
+    return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(inner))
+                  if info.type == pafs.FileType.File and info.base_name.endswith(suffix))

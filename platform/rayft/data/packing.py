@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:

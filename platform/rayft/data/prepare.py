@@ -1,72 +1,26 @@
 """Preprocess once, train many: the Ray Data pipeline from the spec's sources to tokenized,
-masked (and packed) parquet in storage, cached under a hash of everything that affects it.
-
-Workers, restarts and sweep trials read the result as a map-style dataset, so the trainer's
-distributed sampler and exact mid-epoch resume keep working.
+masked (and packed) parquet in storage, cached under a hash of everything that affects it
+(rayft.data.cache). How the result is read is rayft.data.prepared's job.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from rayft.data.sources import expand, fingerprint, plan_chunks
-from rayft.data.templates import ChatTemplate, resolve_template
+from rayft import storage
+from rayft.data import stages
+from rayft.data.cache import CacheEntry, locate
+from rayft.data.prepared import STATS_FILE, Prepared
+from rayft.data.sources import plan_chunks
+from rayft.env import Target, runtime_env
 from rayft.errors import DataError, user_error_in
 from rayft.spec import JobSpec
-
-PIPELINE_VERSION = 2  # bump when the output of the pipeline changes for the same inputs
-TOKEN_COLUMNS = ["input_ids", "labels", "seq_lengths", "sample_ids"]
-
-
-@dataclass
-class Prepared:
-    root: str
-    key: str
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def files(self, split: str) -> list[str]:
-        return sorted(self.stats.get("files", {}).get(split, []))
-
-
-def cache_key(spec: JobSpec, tokenizer: Any, template: ChatTemplate | None, files: list[list[str]]) -> str:
-    data = spec.data.model_dump(mode="json")
-    data.pop("cache", None)
-    data.pop("cache_dir", None)
-    identity = {
-        "version": PIPELINE_VERSION,
-        "data": data,
-        "files": [[fingerprint(f) for f in group] for group in files],
-        "tokenizer": hashlib.sha256(_tokenizer_identity(tokenizer).encode()).hexdigest(),
-        "template": template.source if template else None,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _tokenizer_identity(tokenizer: Any) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return vocab + json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token])
-
-
-def prepared_base(spec: JobSpec) -> str:
-    """Where prepared datasets live: data.cache_dir, else <run.storage_path>/prepared."""
-    if spec.data.cache_dir:
-        base = spec.data.cache_dir if "://" in spec.data.cache_dir else os.path.abspath(spec.data.cache_dir)
-        return base.rstrip("/")
-    storage = spec.run.storage_path
-    base = storage if "://" in storage else os.path.abspath(storage)
-    return f"{base.rstrip('/')}/prepared"
-
-
-def prepared_root(spec: JobSpec, key: str) -> str:
-    return f"{prepared_base(spec)}/{key}"
 
 
 def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False,
@@ -76,22 +30,16 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False,
     from the same place."""
     import ray
 
-    sources = spec.data.train + (spec.data.eval or [])
-    files = [expand(source.path) for source in sources]
-    needs_template = any((source.format or spec.data.format) != "text" for source in sources)
-    template = resolve_template(spec.data.template, tokenizer) if needs_template else None
-    key = cache_key(spec, tokenizer, template, files)
-    root = prepared_root(spec, key)
-    cached = read_stats(root)
+    entry = locate(spec, tokenizer)
+    cached = Prepared.read(entry.root)
     if cached and spec.data.cache and not force:
-        log(f"data: reusing prepared data {root}")
-        return Prepared(root, key, cached)
+        log(f"data: reusing prepared data {entry.root}")
+        return cached
 
-    from rayft.data import stages
-
-    n_train = len(spec.data.train)
-    chunks = [chunk for index, group in enumerate(files) for file, path in enumerate(group)
+    sources = spec.data.train + (spec.data.eval or [])
+    chunks = [chunk for index, group in enumerate(entry.files) for file, path in enumerate(group)
               for chunk in plan_chunks(index, path, file, sources[index].split)]
+    n_train = len(spec.data.train)
     options = [stages.SourceOptions(
         format=source.format or spec.data.format, columns={**spec.data.columns, **source.columns},
         weight=source.weight, is_eval=index >= n_train, max_samples=source.max_samples,
@@ -99,24 +47,31 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False,
         for index, source in enumerate(sources)]
     ledger = stages.Ledger.remote()
     started = time.time()
-    log(f"data: preparing {sum(map(len, files))} file(s) in {len(chunks)} read task(s) -> {root}")
-    with _progress(ledger, log):
-        try:
-            dataset = _pipeline(spec, tokenizer.name_or_path, template, chunks, options, ledger, stages)
-            staging = _staging_for(root, started)
-            credentials = _credentials(spec)
-            dataset.write_parquet(staging, partition_cols=["split"],
-                                  ray_remote_args={"runtime_env": {"env_vars": credentials}} if credentials else None)
-        except Exception as exc:  # Ray wraps task errors; show the user's error, not Ray's
-            raise (user_error_in(exc) or exc) from None
-    summary = ray.get(ledger.summary.remote())
-    stats = _finish(staging, root, spec, summary, time.time() - started)
-    ray.kill(ledger)
+    log(f"data: preparing {sum(map(len, entry.files))} file(s) in {len(chunks)} read task(s) -> {entry.root}")
+    staging = _staging_for(entry.root, started)
+    try:
+        with _Progress(ledger, log):
+            dataset = _pipeline(spec, tokenizer.name_or_path, entry, chunks, options, ledger)
+            dataset.write_parquet(staging, partition_cols=["split"], ray_remote_args=_remote_args(spec))
+        stats = _finish(staging, entry, spec, ray.get(ledger.summary.remote()), time.time() - started)
+    except Exception as exc:  # Ray wraps task errors; show the user's error, not Ray's
+        if staging != entry.root:
+            storage.delete_dir(staging)  # nothing half-written is left behind
+        raise (user_error_in(exc) or exc) from None
+    finally:
+        ray.kill(ledger)
     log(_describe(stats))
-    return Prepared(root, key, stats)
+    return Prepared(entry.root, entry.key, stats, stats["template"])
 
 
-def _pipeline(spec, model_dir, template, chunks, options, ledger, stages):
+def _remote_args(spec: JobSpec) -> dict[str, Any]:
+    """Tasks that read sources or write the result on object storage need its credentials."""
+    env = runtime_env(spec, Target.DATA_TASKS)
+    return {"runtime_env": env} if env else {}
+
+
+def _pipeline(spec: JobSpec, tokenizer_dir: str, entry: CacheEntry, chunks: list[Any],
+              options: list[stages.SourceOptions], ledger: Any) -> Any:
     import ray
 
     context = ray.data.DataContext.get_current()
@@ -124,13 +79,12 @@ def _pipeline(spec, model_dir, template, chunks, options, ledger, stages):
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # Tasks that read sources or write the result on object storage need its credentials.
-    remote = {"runtime_env": {"env_vars": credentials}} if (credentials := _credentials(spec)) else {}
+    remote = _remote_args(spec)
     dataset = ray.data.read_datasource(stages.SampleSource(chunks, options, spec.data, ledger), ray_remote_args=remote)
     with warnings.catch_warnings():  # max_restarts has no named parameter; Ray warns about **kwargs
         warnings.simplefilter("ignore")
         dataset = dataset.map_batches(
-            stages.bound_encoder(spec, model_dir, template, ledger),
+            stages.bound_encoder(spec, tokenizer_dir, entry.template, ledger),
             batch_size=512, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
             # No actor restarts: Ray Data keeps the UDF in the object store, and Ray warns on the
             # terminal that a restart could lose it. A lost encoder fails the prepare instead; it is
@@ -143,52 +97,43 @@ def _pipeline(spec, model_dir, template, chunks, options, ledger, stages):
     return dataset
 
 
-def _credentials(spec: JobSpec) -> dict[str, str]:
-    from rayft.storage import credential_env
-
-    paths = [spec.run.storage_path, spec.data.cache_dir or "", *(s.path for s in spec.data.train + (spec.data.eval or []))]
-    return {k: v for path in paths for k, v in credential_env(path).items()}
-
-
 def _staging_for(root: str, started: float) -> str:
     """Locally: a sibling directory renamed into place when complete. Object stores cannot
     rename a directory: write in place (after clearing an incomplete attempt); stats.json,
     written last, is what marks the result complete."""
-    if "://" not in root:
+    if not storage.is_remote(root):
         return f"{root}.tmp-{os.getpid()}-{int(started)}"
-    from rayft import storage
-
     storage.delete_dir(root)
     return root
 
 
-def _finish(staging: str, root: str, spec: JobSpec, summary: dict, seconds: float) -> dict[str, Any]:
+def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, seconds: float) -> dict[str, Any]:
+    """Statistics of what was written, stats.json last (it marks the result complete), and the
+    staging directory renamed into place."""
     import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
 
-    fs, staging_path = pafs.FileSystem.from_uri(staging) if "://" in staging else (pafs.LocalFileSystem(), staging)
+    fs, staging_path = storage.filesystem(staging)
     files: dict[str, list[str]] = {}
     totals: dict[str, dict[str, Any]] = {}
     for split in ("train", "eval"):
-        split_dir = f"{staging_path}/split={split}"
-        if fs.get_file_info(split_dir).type != pafs.FileType.Directory:
-            files[split], totals[split] = [], {"rows": 0, "samples": 0, "tokens": 0, "trained_tokens": 0}
+        names = storage.list_files(f"{staging}/split={split}", ".parquet")
+        files[split] = [f"{entry.root}/split={split}/{name}" for name in names]
+        if not names:
+            totals[split] = {"rows": 0, "samples": 0, "tokens": 0, "trained_tokens": 0}
             continue
-        names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(split_dir)) if i.base_name.endswith(".parquet"))
-        files[split] = [f"{root}/split={split}/{name}" for name in names]
-        table = pads.dataset(split_dir, filesystem=fs, format="parquet").to_table(columns=["n_tokens", "n_trained", "seq_lengths"])
+        table = pads.dataset(f"{staging_path}/split={split}", filesystem=fs, format="parquet").to_table(
+            columns=["n_tokens", "n_trained", "seq_lengths"])
         totals[split] = _length_stats(table, spec.data.max_length)
     if totals["train"]["rows"] == 0:
         raise DataError(f"no training samples left after filtering: {summary['counts']}")
-    stats = {"key": os.path.basename(root), "seconds": round(seconds, 2), "counts": summary["counts"],
+    stats = {"key": entry.key, "seconds": round(seconds, 2), "counts": summary["counts"],
              "skipped_examples": summary["errors"], "splits": totals, "files": files,
-             "packing": spec.data.packing, "max_length": spec.data.max_length}
-    with fs.open_output_stream(f"{staging_path}/stats.json") as out:
-        out.write(json.dumps(stats, indent=2).encode())
-    if staging != root:
-        if os.path.exists(root):
-            fs.delete_dir(root)  # a forced re-prepare replaces the old result
-        fs.move(staging_path, root)
+             "packing": spec.data.packing, "max_length": spec.data.max_length,
+             "template": entry.template.source if entry.template else None}
+    storage.write_text(f"{staging}/{STATS_FILE}", json.dumps(stats, indent=2))
+    if staging != entry.root:
+        storage.delete_dir(entry.root)  # a forced re-prepare replaces the old result
+        storage.move_dir(staging, entry.root)
     return stats
 
 
@@ -209,25 +154,14 @@ def _length_stats(table: Any, max_length: int) -> dict[str, Any]:
     }
 
 
-def read_stats(root: str) -> dict[str, Any] | None:
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
-    try:
-        with fs.open_input_stream(f"{path}/stats.json") as handle:
-            return json.loads(handle.read())
-    except (FileNotFoundError, OSError):
-        return None
-
-
-class _progress:
+class _Progress:
     """Prints how many records the pipeline has read, every few seconds, while it runs."""
 
     def __init__(self, ledger: Any, log: Callable[[str], None], every: float = 5.0):
         self.ledger, self.log, self.every = ledger, log, every
         self.done = threading.Event()
 
-    def __enter__(self) -> "_progress":
+    def __enter__(self) -> _Progress:
         threading.Thread(target=self._run, daemon=True).start()
         return self
 
@@ -259,55 +193,3 @@ def _describe(stats: dict[str, Any]) -> str:
     if dropped:
         lines.append("data: dropped " + ", ".join(f"{k}={v:,}" for k, v in sorted(dropped.items())))
     return "\n".join(lines)
-
-
-LOCAL_CACHE = os.path.expanduser("~/.cache/rayft/prepared")
-
-
-def load_split(prepared: Prepared, split: str) -> Any:
-    """A prepared split as a map-style `datasets.Dataset` (what the HF trainer samples from),
-    memory-mapped: the parquet is streamed once per node into an Arrow file, so a dataset larger
-    than RAM is paged in as the sampler reaches it, and the workers on a node share one copy."""
-    import datasets
-    import pyarrow as pa
-
-    paths = prepared.files(split)
-    if not paths:
-        return None
-    # Named by the files themselves (Ray's file names are unique per write; local ones add size
-    # and mtime): a re-prepared dataset never reads a stale local copy.
-    identity = [p if "://" in p else f"{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}" for p in paths]
-    digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
-    local = os.path.join(LOCAL_CACHE, f"{digest}-{split}.arrow")
-    if not os.path.isfile(local):
-        _stream_to_arrow(paths, local)
-    return datasets.Dataset(pa.ipc.open_file(pa.memory_map(local)).read_all())
-
-
-def _stream_to_arrow(paths: list[str], local: str) -> None:
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    staging = f"{local}.{os.getpid()}.tmp"
-    writer = None
-    try:
-        for path in paths:
-            fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (None, path)
-            source = pq.ParquetFile(inner, filesystem=fs) if fs else pq.ParquetFile(inner)
-            for batch in source.iter_batches(batch_size=1024, columns=TOKEN_COLUMNS):
-                if writer is None:
-                    writer = pa.ipc.new_file(staging, batch.schema)
-                writer.write_batch(batch)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        if os.path.exists(staging):
-            os.remove(staging)
-        raise
-    if writer is not None:
-        writer.close()
-    else:
-        raise DataError(f"prepared data {paths[0]} has no rows")
-    os.replace(staging, local)  # atomic: workers converting at once all end with one whole file

@@ -16,10 +16,12 @@ import glob
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from rayft.errors import DataError, SpecError
+from rayft.storage import filesystem, is_remote, scheme
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz")
 HUB_PREFIX = "hf:"
@@ -43,7 +45,7 @@ def expand(path: str) -> list[str]:
     """A source path -> the files it names (sorted), or [path] for a hub dataset."""
     if path.startswith(HUB_PREFIX):
         return [path]
-    if "://" in path:
+    if is_remote(path):
         return _expand_remote(path)
     if any(ch in path for ch in "*?["):
         files = sorted(f for f in glob.glob(path, recursive=True) if f.endswith(SUFFIXES))
@@ -68,16 +70,15 @@ def _expand_remote(uri: str) -> list[str]:
         return [uri]
     if info.type == pafs.FileType.NotFound:
         raise SpecError(f"no such object: {uri}", field="data")
-    scheme = uri.split("://", 1)[0]
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted(f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File and e.path.endswith(SUFFIXES))
+    return sorted(f"{scheme(uri)}://{e.path}" for e in entries if e.type == pafs.FileType.File and e.path.endswith(SUFFIXES))
 
 
 def fingerprint(path: str) -> str:
     """What identifies a file's content cheaply: size and modification time."""
     if path.startswith(HUB_PREFIX):
         return path
-    if "://" in path:
+    if is_remote(path):
         import pyarrow.fs as pafs
 
         fs, root = pafs.FileSystem.from_uri(path)
@@ -90,7 +91,7 @@ def fingerprint(path: str) -> str:
 def plan_chunks(source: int, path: str, file: int = 0, split: str = "train",
                 chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
     """Split a local JSONL file into line-aligned byte ranges with their first line numbers."""
-    if not path.endswith(".jsonl") or "://" in path or os.path.getsize(path) <= chunk_bytes:
+    if not path.endswith(".jsonl") or is_remote(path) or os.path.getsize(path) <= chunk_bytes:
         return [Chunk(source, path, file, split=split)]
     chunks, start, line = [], 0, 1
     with open(path, "rb") as handle:
@@ -125,7 +126,7 @@ def read_chunk(chunk: Chunk) -> Iterator[tuple[int, int, Any]]:
 
 
 def _open(path: str) -> io.BufferedIOBase:
-    if "://" in path:
+    if is_remote(path):
         import pyarrow.fs as pafs
 
         fs, root = pafs.FileSystem.from_uri(path)
@@ -210,13 +211,8 @@ def _skip_space(text: str, index: int) -> int:
 def _read_parquet(path: str) -> Iterator[tuple[int, int, Any]]:
     import pyarrow.parquet as pq
 
-    if "://" in path:
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(path)
-        parquet = pq.ParquetFile(root, filesystem=fs)
-    else:
-        parquet = pq.ParquetFile(path)
+    fs, root = filesystem(path)
+    parquet = pq.ParquetFile(root, filesystem=fs)
     row = 1
     for batch in parquet.iter_batches(batch_size=4096):
         for record in batch.to_pylist():

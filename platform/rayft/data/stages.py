@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,7 @@ from rayft.data.sources import Chunk, read_chunk
 from rayft.data.templates import ChatTemplate
 from rayft.data.tokenize import Encoded, encode_conversations, encode_texts, truncate
 from rayft.errors import DataError
+from rayft.model.tokenizer import load_tokenizer
 from rayft.spec import DataSpec
 
 SAMPLES_SCHEMA = pa.schema([("sample_id", pa.int64()), ("split", pa.string()),
@@ -107,7 +109,7 @@ class SampleSource(Datasource):
 
     def _read(self, chunk: Chunk) -> Iterator[pa.Table]:
         options, data = self.sources[chunk.source], self.data
-        rows: list[tuple[int, str, str, str, int]] = []
+        rows: list[tuple[tuple[int, int, int], str, str, str]] = []  # (key, split, kind, payload)
         counts: Counter[str] = Counter()
         errors: list[str] = []
         taken = 0
@@ -193,8 +195,6 @@ class Encoder:
     constructor arguments in the object store, where an actor restart can lose them)."""
 
     def __init__(self, spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any):
-        from rayft.model import load_tokenizer
-
         self.tokenizer = load_tokenizer(spec, model_dir)
         self.template, self.data, self.ledger = template, spec.data, ledger
 

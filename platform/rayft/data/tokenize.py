@@ -11,8 +11,9 @@ is not trained: at inference the prompt is tokenized alone and that token never 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 

@@ -1,5 +1,6 @@
-"""Trainer callbacks that connect the HF/TRL trainer to Ray: checkpoints into Ray Train's
-storage, and progress to the driver."""
+"""Trainer callbacks that connect the HF/TRL trainer to Ray and to the user: the token meter
+the others read, checkpoints into Ray Train's storage, progress to the driver, the metrics
+timeline, and the per-step sample log."""
 
 from __future__ import annotations
 
@@ -12,6 +13,63 @@ from typing import Any
 
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
+
+from rayft import storage
+from rayft.data.tokenize import IGNORE
+from rayft.rundir import RunDir, checkpoint_dir_name
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class TokenMeter(TrainerCallback):
+    """Counts the tokens this worker trains on, all and those with a loss (the trainer calls
+    `count` for every micro-batch), and puts `tokens_per_second` (all workers, since this
+    attempt's training began) into every train log. The progress line, the metrics timeline and
+    W&B all read that one value: add the meter before them."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.trained = 0
+        self.started = time.time()
+        self.start_tokens = 0
+
+    def count(self, inputs: dict[str, Any]) -> None:
+        labels = inputs.get("labels")
+        if labels is None:
+            return
+        mask = inputs.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(labels.numel())
+        self.trained += int((labels != IGNORE).sum())
+
+    def rate(self) -> float | None:
+        """Tokens per second over all workers (each is assumed to train as many as this one)."""
+        elapsed = time.time() - self.started
+        return (self.tokens - self.start_tokens) * world_size() / elapsed if elapsed > 0 else None
+
+    def totals(self) -> tuple[int, int]:
+        """(tokens, trained tokens) of all workers: a collective, every rank must call it."""
+        import torch
+        import torch.distributed as dist
+
+        counts = torch.tensor([self.tokens, self.trained], dtype=torch.float64)
+        if world_size() > 1:
+            backend = dist.get_backend()
+            device = f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu"
+            counts = counts.to(device)
+            dist.all_reduce(counts)
+        return int(counts[0]), int(counts[1])
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started, self.start_tokens = time.time(), self.tokens
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        rate = self.rate()
+        if logs is not None and "loss" in logs and rate is not None:
+            logs["tokens_per_second"] = rate
 
 
 def post(board: Any, rank: int, **fields: Any) -> None:
@@ -39,15 +97,15 @@ class CheckpointReporter(RayTrainReportCallback):
                 shutil.copytree(source, os.path.join(staging, self.CHECKPOINT_NAME))
                 checkpoint = ray.train.Checkpoint.from_directory(staging)
             ray.train.report(metrics=metrics, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"checkpoint_{state.global_step:06d}")
+                             checkpoint_dir_name=checkpoint_dir_name(state.global_step))
 
 
 class ProgressReporter(TrainerCallback):
     """Rank 0 posts step, loss, throughput and ETA to the driver after every log."""
 
-    def __init__(self, board: Any, trainer: Any):
-        self.board, self.trainer = board, trainer
-        self.started: float | None = None
+    def __init__(self, board: Any, meter: TokenMeter):
+        self.board, self.meter = board, meter
+        self.started = time.time()
         self.start_step = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -56,33 +114,18 @@ class ProgressReporter(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         logs = logs or {}
-        elapsed = time.time() - (self.started or time.time())
+        elapsed = time.time() - self.started
         done = state.global_step - self.start_step
         fields: dict[str, Any] = {"step": state.global_step, "max_steps": state.max_steps,
                                   "epoch": round(state.epoch or 0, 3)}
         for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
             if key in logs:
                 fields[key] = logs[key]
-        if done > 0 and elapsed > 0:
-            fields["tokens_per_second"] = self.trainer._tokens * _world() / elapsed
+        rate = self.meter.rate()
+        if done > 0 and rate is not None:
+            fields["tokens_per_second"] = rate
             fields["eta_seconds"] = (state.max_steps - state.global_step) * elapsed / done
         post(self.board, 0, **fields)
-
-
-class ThroughputInLogs(TrainerCallback):
-    """Adds `tokens_per_second` (all workers, since training began) to every train log, for the
-    progress line, the timeline and W&B alike."""
-
-    def __init__(self, trainer: Any):
-        self.trainer, self.started, self.start_tokens = trainer, time.time(), 0
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.started, self.start_tokens = time.time(), self.trainer._tokens
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        elapsed = time.time() - self.started
-        if logs is not None and "loss" in logs and elapsed > 0:
-            logs["tokens_per_second"] = (self.trainer._tokens - self.start_tokens) * _world() / elapsed
 
 
 class MetricsTimeline(TrainerCallback):
@@ -91,27 +134,20 @@ class MetricsTimeline(TrainerCallback):
     and at the end, so storage holds it even when a run dies; a resumed run keeps the lines up
     to the step it resumed from."""
 
-    FILE = "metrics.jsonl"
-
-    def __init__(self, run_dir: str, trainer: Any, resumed_from_step: int):
-        from rayft import storage
-
-        self.path, self.trainer = f"{run_dir.rstrip('/')}/{self.FILE}", trainer
+    def __init__(self, run_dir: RunDir, meter: TokenMeter, resumed_from_step: int):
+        self.path, self.meter = run_dir.metrics, meter
         previous = storage.read_text(self.path) or ""
         self.lines = [line for line in previous.splitlines()
                       if line.strip() and json.loads(line).get("step", 0) <= resumed_from_step]
         self.started = time.time()
         self.offset = json.loads(self.lines[-1])["time"] if self.lines else 0.0
-        self.start_tokens = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.started, self.start_tokens = time.time(), self.trainer._tokens
+        self.started = time.time()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        elapsed = time.time() - self.started
-        tokens = (self.trainer._tokens - self.start_tokens) * _world()
-        record = {"step": state.global_step, "time": round(self.offset + elapsed, 3), "epoch": state.epoch,
-                  "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+        record = {"step": state.global_step, "time": round(self.offset + time.time() - self.started, 3),
+                  "epoch": state.epoch, "tokens_per_second": self.meter.rate(),
                   **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}}
         self.lines.append(json.dumps(record))
 
@@ -122,8 +158,6 @@ class MetricsTimeline(TrainerCallback):
         self.flush()
 
     def flush(self) -> None:
-        from rayft import storage
-
         storage.write_text(self.path, "\n".join(self.lines) + "\n")
 
 
@@ -135,8 +169,8 @@ class SampleLog(TrainerCallback):
     The collator passes the rows' sample ids through the batch; the trainer pops them before the
     forward and records them against the step they belong to."""
 
-    def __init__(self, run_dir: str, rank: int, attempt_step: int):
-        self.path = f"{run_dir.rstrip('/')}/samples/rank{rank}-from-step{attempt_step}.jsonl"
+    def __init__(self, run_dir: RunDir, rank: int, attempt_step: int):
+        self.path = run_dir.sample_log(rank, attempt_step)
         self.lines: list[str] = []
 
     def record(self, step: int, sample_ids: list[int]) -> None:
@@ -145,9 +179,10 @@ class SampleLog(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.flush()  # what a crash after this checkpoint would otherwise lose
 
-    def flush(self) -> None:
-        from rayft import storage
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.flush()
 
+    def flush(self) -> None:
         storage.write_text(self.path, "\n".join(self.lines) + "\n")
 
 
@@ -173,9 +208,3 @@ class StepThrottle(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         time.sleep(self.seconds)
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 
@@ -54,7 +55,7 @@ class ProgressPrinter:
     `every` seconds); quiet while nothing happens."""
 
     def __init__(self, board: Any, log: Callable[[str], None], every: float = 2.0,
-                 waiting: Callable[[], str | None] | None = None, notices: dict[Any, str] | None = None):
+                 waiting: str | None = None, notices: dict[Any, str] | None = None):
         """`notices`: object refs whose values are printed, after their label, once ready
         (things started alongside training, such as the W&B run, that training need not wait for)."""
         self.board, self.log, self.every, self.waiting = board, log, every, waiting
@@ -63,7 +64,7 @@ class ProgressPrinter:
         self.first_step_at: float | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "ProgressPrinter":
+    def __enter__(self) -> ProgressPrinter:
         self.thread.start()
         return self
 
@@ -99,7 +100,5 @@ class ProgressPrinter:
                     self.log(line)
                     last_line = line
             elif version == 0 and self.waiting and time.time() - last_wait > 30:
-                message = self.waiting()  # e.g. "waiting for 2 more CPUs (autoscaling)"
-                if message:
-                    self.log(message)
+                self.log(f"train: {self.waiting}")  # e.g. "waiting for the autoscaler to add 2 more CPU"
                 last_wait = time.time()

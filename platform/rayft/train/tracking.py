@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from transformers import TrainerCallback
 
+from rayft.env import Target, runtime_env
 from rayft.spec import JobSpec
-from rayft.specfile import redact
+from rayft.spec.secrets import redact
+
+if TYPE_CHECKING:
+    from rayft.train.run import RunPlan
 
 
 def wandb_mode(spec: JobSpec) -> str:
@@ -32,12 +36,14 @@ def wandb_mode(spec: JobSpec) -> str:
     return mode
 
 
-def wandb_dir(spec: JobSpec, run_dir: str) -> str:
-    if spec.tracking.wandb.dir:
-        return os.path.abspath(spec.tracking.wandb.dir)
-    if "://" in run_dir:  # object storage: wandb writes local files; keep them in a local cache
+def wandb_dir(plan: RunPlan) -> str:
+    """Where wandb writes its files (it writes local files only): wandb.dir, else the run
+    directory (wandb adds its own wandb/ folder there); a local cache for object storage."""
+    if plan.spec.tracking.wandb.dir:
+        return os.path.abspath(os.path.expanduser(plan.spec.tracking.wandb.dir))
+    if plan.run_dir.remote:
         return os.path.expanduser("~/.cache/rayft/wandb")
-    return run_dir
+    return plan.run_dir.path
 
 
 def run_id(run_dir: str, trial: str | None) -> str:
@@ -45,16 +51,17 @@ def run_id(run_dir: str, trial: str | None) -> str:
     return hashlib.sha256(f"{run_dir}:{trial or ''}".encode()).hexdigest()[:16]
 
 
-def run_settings(spec: JobSpec, run_dir: str, trial: dict[str, Any] | None) -> dict[str, Any]:
+def run_settings(plan: RunPlan) -> dict[str, Any]:
     """What `wandb.init` gets: the resolved spec with secrets stripped, grouping, identity."""
-    settings, trial = spec.tracking.wandb, trial or {}
-    config = redact(spec.to_dict())
-    if trial.get("params"):
-        config["trial_params"] = trial["params"]
-    return {"project": settings.project, "entity": settings.entity, "name": trial.get("name") or spec.run_name,
-            "group": trial.get("group") or settings.group, "tags": settings.tags or None,
-            "dir": wandb_dir(spec, run_dir), "mode": wandb_mode(spec), "config": config,
-            "id": run_id(run_dir, trial.get("name"))}
+    spec, trial = plan.spec, plan.trial
+    settings = spec.tracking.wandb
+    config = spec.to_dict()
+    if trial and trial.params:
+        config["trial_params"] = redact(trial.params)
+    return {"project": settings.project, "entity": settings.entity, "name": trial.name if trial else spec.run_name,
+            "group": (trial.group if trial else None) or settings.group, "tags": settings.tags or None,
+            "dir": wandb_dir(plan), "mode": wandb_mode(spec), "config": config,
+            "id": run_id(plan.run_dir.path, trial.name if trial else None)}
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -122,8 +129,7 @@ def start_tracker(spec: JobSpec, tracker: Any | None = None) -> Any | None:
         return None
     if tracker is not None:
         return tracker
-    forwarded = {n: os.environ[n] for n in (*spec.run.forward_env, "WANDB_MODE", "WANDB_BASE_URL") if n in os.environ}
-    return Tracker.options(runtime_env={"env_vars": forwarded} if forwarded else None).remote()
+    return Tracker.options(runtime_env=runtime_env(spec, Target.TRACKER)).remote()
 
 
 class MetricsToTracker(TrainerCallback):

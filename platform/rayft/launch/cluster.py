@@ -1,0 +1,54 @@
+"""Connecting to Ray: an existing cluster (`--address` / RAY_ADDRESS, e.g. inside `ray job
+submit`), or an embedded local instance sized to this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from rayft.env import STORAGE_ENV
+from rayft.errors import ClusterError
+from rayft.quiet import quiet_driver, quiet_env
+
+
+def job_env() -> dict:
+    """Object-storage credentials of this environment, for every process of the job (Ray
+    Train's controller resolves the storage path too). Inside a submitted job the job's own
+    environment already has them, and Ray refuses a ray.init that sets the same keys again."""
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return {}
+    names = [name for group in STORAGE_ENV.values() for name in group]
+    env_vars = {name: os.environ[name] for name in names if name in os.environ}
+    return {"env_vars": env_vars} if env_vars else {}
+
+
+def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int | None = None) -> str:
+    """ray.init once; returns a description of what it connected to."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    os.environ.update({k: v for k, v in quiet_env().items() if k not in os.environ})
+    if not verbose:
+        quiet_driver()
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            # Ship this rayft to the cluster's workers: what runs there is what was submitted,
+            # whether or not the cluster's image has rayft installed.
+            package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # rayft/
+            ray.init(address=address, log_to_driver=verbose, runtime_env={"py_modules": [package], **job_env()},
+                     logging_level=logging.ERROR if not verbose else logging.INFO)
+            where = f"Ray cluster at {address}"
+        else:
+            # With the dashboard: it serves the State API, which Ray Train's placement-group cleaner
+            # needs to release a worker group whose controller died (a sweep trial stopped early);
+            # without it those CPUs stay reserved and the next trial never starts.
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                     log_to_driver=verbose, logging_level=logging.ERROR if not verbose else logging.INFO)
+            where = "embedded local Ray"
+    except ConnectionError as exc:
+        raise ClusterError(f"cannot connect to Ray at {address}: {exc}") from None
+    resources = ray.cluster_resources()
+    gpus = f", {resources['GPU']:g} GPU" if resources.get("GPU") else ""
+    return f"{where} ({resources.get('CPU', 0):g} CPU{gpus}, {len(ray.nodes())} node(s))"

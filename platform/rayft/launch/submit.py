@@ -1,0 +1,121 @@
+"""`rayft submit` and `rayft jobs`: the same job through Ray's job server, from Python.
+
+The entrypoint is jobs/train.py, exactly what `ray job submit ... -- python jobs/train.py SPEC`
+runs; the working directory travels with the excludes of jobs/runtime_env.yaml. Secrets named in
+`run.forward_env` go from the submitter's environment into the job's environment at submission
+(never into a file); they are masked in everything rayft prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayft.env import Target, env_values
+from rayft.errors import ClusterError, SpecError
+from rayft.spec import JobSpec
+from rayft.spec.secrets import redact_text
+
+RUNTIME_ENV_FILE = "jobs/runtime_env.yaml"
+ENTRYPOINT = "jobs/train.py"
+EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
+
+
+def client(address: str | None) -> Any:
+    """A job client for the cluster's dashboard address (http://HOST:8265)."""
+    # Ray 2.60 clusters use token auth by default; the client then reads ~/.ray/auth_token.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address or not address.startswith(("http://", "https://")):
+        raise ClusterError(f"--address must be the cluster's job server, e.g. http://HEAD:8265 (got {address!r})")
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError) as exc:
+        raise ClusterError(f"cannot reach the Ray job server at {address}: {exc}") from None
+
+
+def entrypoint(spec_path: Path, overrides: list[str], profiles: list[Path], working_dir: Path,
+               fresh: bool = False) -> str:
+    """The command the job runs, with paths relative to the uploaded working directory."""
+    def inside(path: Path) -> str:
+        resolved = path.resolve()
+        try:
+            return str(resolved.relative_to(working_dir.resolve()))
+        except ValueError:  # outside the upload: only works where the cluster shares this filesystem
+            return str(resolved)
+
+    parts = ["python", ENTRYPOINT, inside(spec_path), *overrides]
+    for profile in profiles:
+        parts += ["-p", inside(profile)]
+    if fresh:
+        parts.append("--fresh")
+    return " ".join(shlex.quote(part) for part in parts)
+
+
+def runtime_env(spec: JobSpec, working_dir: Path) -> dict[str, Any]:
+    env_file = working_dir / RUNTIME_ENV_FILE
+    base = yaml.safe_load(env_file.read_text()) if env_file.is_file() else {}
+    env_vars = {**base.get("env_vars", {}), **env_values(spec, Target.JOB)}
+    return {"working_dir": str(working_dir), "excludes": base.get("excludes", []), "env_vars": env_vars}
+
+
+def submit(spec: JobSpec, spec_path: Path, *, overrides: list[str], profiles: list[Path], address: str | None,
+           working_dir: Path, fresh: bool = False, follow: bool = True,
+           log: Callable[[str], None] = print) -> tuple[str, str]:
+    """Submit; with follow, stream the job's output until it ends. Returns (job id, status)."""
+    if not (working_dir / ENTRYPOINT).is_file():
+        raise SpecError(f"{working_dir} has no {ENTRYPOINT}: submit from the repository root or pass --working-dir")
+    jobs = client(address)
+    command = entrypoint(spec_path, overrides, profiles, working_dir, fresh)
+    job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env(spec, working_dir),
+                             metadata={"rayft_run": spec.run_name})
+    forwarded = [name for name in spec.run.forward_env if name in os.environ]
+    log(f"submitted {job_id}: {command}" + (f" (passing {', '.join(forwarded)} from this environment)" if forwarded else ""))
+    if not follow:
+        return job_id, str(jobs.get_job_status(job_id))
+    asyncio.run(_follow(jobs, job_id, log))
+    return job_id, _status(jobs, job_id)
+
+
+async def _follow(jobs: Any, job_id: str, log: Callable[[str], None]) -> None:
+    async for chunk in jobs.tail_job_logs(job_id):
+        for line in chunk.rstrip("\n").split("\n"):
+            log(redact_text(line))
+
+
+def _status(jobs: Any, job_id: str) -> str:
+    status = jobs.get_job_status(job_id)
+    return getattr(status, "value", str(status))
+
+
+def list_jobs(address: str | None) -> list[dict[str, Any]]:
+    rows = []
+    for job in client(address).list_jobs():
+        rows.append({"job": job.submission_id or job.job_id, "status": getattr(job.status, "value", str(job.status)),
+                     "run": (job.metadata or {}).get("rayft_run", ""), "entrypoint": job.entrypoint,
+                     "start": job.start_time, "end": job.end_time})
+    return sorted(rows, key=lambda row: row["start"] or 0)
+
+
+def logs(address: str | None, job_id: str, follow: bool, log: Callable[[str], None] = print) -> str:
+    jobs = client(address)
+    if follow:
+        asyncio.run(_follow(jobs, job_id, log))
+    else:
+        for line in jobs.get_job_logs(job_id).splitlines():
+            log(redact_text(line))
+    return _status(jobs, job_id)
+
+
+def stop(address: str | None, job_id: str) -> str:
+    jobs = client(address)
+    jobs.stop_job(job_id)
+    return _status(jobs, job_id)

@@ -1,0 +1,326 @@
+"""The job spec's schema: every section as a pydantic model, the one place where defaults
+live, and the values derived from them (gradient accumulation, precision, the step plan), so
+that every caller agrees on them. Reading a spec file is rayft.spec.load's job.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rayft.spec.secrets import redact
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo like `learning_rat` must not silently train with a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------- model
+class ModelSpec(Section):
+    path: str = Field(description="Local HF directory, a .gguf file, 'pkg:PACKAGE/FILE', or a hub id.")
+    tokenizer: str | None = Field(None, description="Tokenizer source; defaults to `path`.")
+    gguf_file: str | None = Field(None, description="GGUF file inside `path` when `path` is a directory or hub id.")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+# ---------------------------------------------------------------------------------- method
+class LoraSpec(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class QuantizationSpec(Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # ZeRO-3 shards parameters by their storage dtype; 4-bit weights must be stored in the
+    # dtype of the other parameters for it to partition them (see `JobSpec._check_method`).
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+
+
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3-offload")
+
+
+class MethodSpec(Section):
+    kind: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    deepspeed: str | None = Field(None, description="zero2 | zero3 | zero3-offload | path to a DeepSpeed JSON")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _known_deepspeed(cls, value: str | None) -> str | None:
+        if value is None or value in DEEPSPEED_PRESETS or value.endswith(".json"):
+            return value
+        raise ValueError(f"must be one of {', '.join(DEEPSPEED_PRESETS)} or a path to a .json file, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------ data
+DataFormat = Literal["auto", "alpaca", "prompt_response", "prompt_completion", "messages", "sharegpt", "text"]
+
+
+class SourceSpec(Section):
+    path: str = Field(description="File, glob, directory, or hub dataset name ('hf:org/name').")
+    format: DataFormat | None = Field(None, description="Defaults to data.format.")
+    weight: float = Field(1.0, gt=0, description="Relative sampling weight when mixing sources.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Canonical name -> column in this file.")
+    split: str = "train"
+    max_samples: int | None = Field(None, ge=1)
+
+
+class FilterSpec(Section):
+    min_reply_chars: int = Field(1, ge=0, description="Drop samples whose assistant reply is shorter.")
+    max_tokens: int | None = Field(None, ge=1, description="Drop samples longer than this before truncation.")
+    dedup: bool = True
+    near_dedup: bool = Field(False, description="Also drop near-duplicates (normalized text).")
+    drop_sure_openers: bool = Field(False, description='Drop replies opening with "Sure!", "Certainly!", ...')
+    drop_placeholders: bool = Field(True, description="Drop replies with placeholder text like 'lorem ipsum' or '[insert'.")
+    drop_refusals: bool = Field(False, description="Drop replies that are canned refusals ('As an AI language model').")
+
+
+class DataSpec(Section):
+    train: list[SourceSpec]
+    eval: list[SourceSpec] | None = None
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Seeded split of train when eval is not given.")
+    format: DataFormat = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    template: str = Field("auto", description="auto | tokenizer | chatml | llama3 | llama2 | plain | path to .jinja")
+    system_prompt: str | None = None
+    train_on: Literal["all_assistant", "last_assistant", "everything"] = "all_assistant"
+    max_length: int = Field(1024, ge=8)
+    truncation: Literal["keep_start", "keep_end", "drop"] = "keep_start"
+    packing: bool = False
+    filters: FilterSpec = Field(default_factory=FilterSpec)
+    on_error: Literal["raise", "skip"] = "raise"
+    cache: bool = True
+    cache_dir: str | None = Field(None, description="Where prepared data is kept, shared by runs; default <run.storage_path>/prepared.")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        # `train: data/x.jsonl` is shorthand for `train: [{path: data/x.jsonl}]`.
+        if value is None:
+            return value
+        items = value if isinstance(value, list) else [value]
+        return [{"path": item} if isinstance(item, str) else item for item in items]
+
+
+# ----------------------------------------------------------------------------------- train
+class TrainSpec(Section):
+    global_batch_size: int = Field(32, ge=1, description="Sequences (or packed rows) per optimizer step, all workers together.")
+    micro_batch_size: int = Field(4, ge=1, description="Per worker, per forward pass.")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup: float = Field(0.03, ge=0, description="Below 1: fraction of total steps; from 1: a step count.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optimizer: str = "adamw_torch"
+    seed: int = 42
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="Steps between evaluations; default: once per save.")
+    save_every: int | None = Field(None, ge=1, description="Steps between checkpoints; default: once per epoch.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _habits(cls, data: Any) -> Any:
+        # transformers 5 dropped `warmup_ratio`; users still write it (and `warmup_steps`).
+        if isinstance(data, dict):
+            for alias in ("warmup_ratio", "warmup_steps"):
+                if alias in data:
+                    if "warmup" in data:
+                        raise ValueError(f"give either warmup or {alias}, not both")
+                    data = {**data, "warmup": data[alias]}
+                    del data[alias]
+        return data
+
+
+# --------------------------------------------------------------------------------- scaling
+class ScalingSpec(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0, description="Also the worker's torch/OpenMP thread count on CPU.")
+    gpus_per_worker: float = Field(1, ge=0, description="Used when use_gpu is true.")
+    accelerator_type: str | None = Field(None, description="e.g. A100-80G, H100: schedules onto that GPU type.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+# ------------------------------------------------------------------------------------- run
+class RunSpec(Section):
+    name: str | None = Field(None, description="Defaults to the spec file's name.")
+    storage_path: str = Field("./runs", description="Local/NFS path or s3:// gs:// URI shared by all nodes.")
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _plain_uri(cls, value: str) -> str:
+        if "?" in value:
+            raise ValueError("no query parameters in the URI: set the endpoint and region in the environment "
+                             "(AWS_ENDPOINT_URL, AWS_REGION), which every worker receives")
+        return value
+
+    checkpoint_metric: str | None = Field("eval_loss", description="Keep the best by this metric; null keeps the latest.")
+    checkpoint_mode: Literal["min", "max"] = "min"
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint; -1 retries forever.")
+    save_merged: bool = Field(False, description="Also save the LoRA merged into the base model.")
+    log_samples: bool = Field(False, description="Write which samples each step trained on (samples/, per rank and attempt).")
+    forward_env: list[str] = Field(
+        default_factory=lambda: ["WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_MODE"],
+        description="Environment variables passed by reference from the driver to the workers.",
+    )
+
+
+# -------------------------------------------------------------------------------- tracking
+class WandbSpec(Section):
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "rayft"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    dir: str | None = Field(None, description="Where run files go; defaults to <storage_path>/<name>/wandb.")
+
+
+class TrackingSpec(Section):
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+
+# ------------------------------------------------------------------------------------ eval
+class EvalSpec(Section):
+    before_after: bool = Field(True, description="At the end of `train`, compare base and tuned on held-out prompts.")
+    num_prompts: int = Field(32, ge=0)
+    max_new_tokens: int = Field(64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    metrics: list[Literal["exact_match", "contains", "rouge_l", "token_f1"]] = Field(
+        default_factory=lambda: ["exact_match", "contains", "rouge_l"])
+
+
+# ------------------------------------------------------------------------------------ tune
+class SchedulerSpec(Section):
+    kind: Literal["asha", "median", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="Reports a trial always gets before it can be stopped.")
+    reduction_factor: float = Field(2, gt=1)
+
+
+class TuneSpec(Section):
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    num_samples: int = Field(1, ge=1)
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    search_alg: Literal["random", "optuna"] = "random"
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+    @field_validator("search_space")
+    @classmethod
+    def _domains(cls, space: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        kinds = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
+        for path, domain in space.items():
+            if len(domain) != 1 or next(iter(domain)) not in kinds:
+                raise ValueError(f"{path}: expected one of {sorted(kinds)} with its values, got {domain}")
+            kind, values = next(iter(domain.items()))
+            if not isinstance(values, list) or (kinds[kind] and len(values) != kinds[kind]):
+                raise ValueError(f"{path}: {kind} takes a list of {kinds[kind] or 'values'}, got {values!r}")
+        return space
+
+
+# ------------------------------------------------------------------------------- the spec
+class JobSpec(Section):
+    model: ModelSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    tune: TuneSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        self._check_batch()
+        self._check_method()
+        return self
+
+    def _check_batch(self) -> None:
+        per_step = self.train.micro_batch_size * self.scaling.num_workers
+        if self.train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.train.micro_batch_size} x scaling.num_workers={self.scaling.num_workers}"
+                f" (= {per_step}); gradient accumulation must be a whole number. Try global_batch_size="
+                f"{math.ceil(self.train.global_batch_size / per_step) * per_step}."
+            )
+
+    def _check_method(self) -> None:
+        method, gpu = self.method, self.scaling.use_gpu
+        if self.scaling.accelerator_type and not gpu:
+            raise ValueError(f"scaling.accelerator_type={self.scaling.accelerator_type} needs scaling.use_gpu=true")
+        if method.precision == "fp16" and not gpu:
+            raise ValueError("method.precision=fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU")
+        if method.kind == "qlora" and method.deepspeed and method.deepspeed.startswith("zero3"):
+            compute, storage = method.quantization.compute_dtype, method.quantization.storage_dtype
+            if storage != compute:
+                raise ValueError(
+                    f"method.kind=qlora with method.deepspeed={method.deepspeed} needs "
+                    f"method.quantization.storage_dtype equal to compute_dtype ({compute}): ZeRO-3 partitions "
+                    f"parameters by dtype and cannot shard uint8-stored 4-bit weights"
+                )
+        if method.deepspeed and method.deepspeed.endswith("offload") and method.kind == "qlora":
+            raise ValueError("method.deepspeed=zero3-offload cannot offload 4-bit (qlora) weights; use zero3 or lora")
+
+    # ---- values derived from the spec (derived here so every caller agrees)
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.scaling.num_workers)
+
+    @property
+    def precision(self) -> str:
+        """fp32 on CPU by default (bf16 autocast is slower than fp32 for small models here), bf16 on GPU."""
+        if self.method.precision != "auto":
+            return self.method.precision
+        return "bf16" if self.scaling.use_gpu else "fp32"
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or "rayft-run"
+
+    def step_plan(self, train_rows: int) -> StepPlan:
+        """Optimizer steps per epoch and in total, as the HF trainer will count them, and the
+        default checkpoint interval (four checkpoints a run)."""
+        micro_batches = math.ceil(train_rows / self.train.micro_batch_size)
+        per_worker = math.ceil(micro_batches / self.scaling.num_workers)
+        per_epoch = max(1, math.ceil(per_worker / self.gradient_accumulation_steps))
+        total = self.train.max_steps or max(1, math.ceil(self.train.epochs * per_epoch))
+        save_every = self.train.save_every or max(1, math.ceil(total / 4))
+        return StepPlan(per_epoch, total, save_every, self.train.eval_every or save_every)
+
+    def to_dict(self, *, redacted: bool = True) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        return redact(data) if redacted else data
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How a run's optimizer steps are laid out."""
+
+    steps_per_epoch: int
+    total_steps: int
+    save_every: int
+    eval_every: int
