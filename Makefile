@@ -9,7 +9,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup quickstart test test-fast bench clean
+.PHONY: setup quickstart lint format test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 quickstart: setup
 	$(BIN)/rayft train configs/quickstart.yaml
+
+lint: setup  # fast gates, run by .ci/run before the tests
+	$(BIN)/ruff check platform tests bench jobs
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+
+format: setup
+	$(BIN)/ruff check --fix platform tests bench jobs
 
 test: setup
 	$(BIN)/python -m pytest

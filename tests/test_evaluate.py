@@ -13,8 +13,8 @@ import pytest
 
 from conftest import spec_dict
 from rayft.eval.loss import HeldOutLoss, row_losses
-from rayft.eval.tasks import shard_count, shard_ranges
 from rayft.eval.scoring import normalize, rouge_l, score, token_f1
+from rayft.eval.tasks import shard_count, shard_ranges
 from rayft.spec import load_spec
 
 STEPS = 8

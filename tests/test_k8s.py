@@ -19,8 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
-from rayft.launch import k8s
 from rayft.errors import SpecError
+from rayft.launch import k8s
 from rayft.spec import JobSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]

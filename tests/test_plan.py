@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from rayft.errors import SpecError
 from rayft.cli.plan_view import render
+from rayft.errors import SpecError
 from rayft.plan import GiB, estimate
 from rayft.plan.shapes import KNOWN_SHAPES, model_shape
 from rayft.spec import load_spec

@@ -19,8 +19,8 @@ def render(plan: Plan, console: Any) -> None:
     memory = Table(title=f"plan: {plan.model}", title_justify="left")
     for column, justify in (("memory per worker", "left"), ("", "right"), ("why", "left")):
         memory.add_column(column, justify=justify)
-    for name, value in plan.memory.items():
-        memory.add_row(name, gib(value), plan.why.get(name, ""))
+    for name, size in plan.memory.items():
+        memory.add_row(name, gib(size), plan.why.get(name, ""))
     memory.add_row("margin", gib(plan.margin_bytes), "allocator fragmentation")
     memory.add_row("runtime", gib(plan.runtime_bytes), "the process itself, not tensors")
     if plan.host_bytes:

@@ -77,7 +77,7 @@ def print_sweep(result: SweepResult) -> None:
     for trial in result.trials:
         if trial.error:
             log(f"[red]{trial.name} failed[/]: {trial.error}")
-    if result.best_spec_path:
+    if result.best_spec_path and result.best:
         log(f"best: {result.best.name} ({result.metric} {result.best.metric:.4f}) -> {result.best_spec_path}")
     if result.plot_path:
         log(f"plot: {result.plot_path}")

@@ -45,7 +45,7 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False,
         weight=source.weight, is_eval=index >= n_train, max_samples=source.max_samples,
         eval_fraction=0.0 if spec.data.eval else spec.data.eval_fraction)
         for index, source in enumerate(sources)]
-    ledger = stages.Ledger.remote()
+    ledger = stages.LedgerActor.remote()
     started = time.time()
     log(f"data: preparing {sum(map(len, entry.files))} file(s) in {len(chunks)} read task(s) -> {entry.root}")
     staging = _staging_for(entry.root, started)

@@ -88,7 +88,8 @@ def _tasks(rng: random.Random) -> dict[str, tuple[list[Example], list[Example]]]
     tasks["next"] = from_table(sequences, 10, ["What is {}?", "Which comes next: {}?"])
 
     def numbers(make: Callable[[], Example], n_train: int, n_eval: int) -> tuple[list[Example], list[Example]]:
-        seen, pool = set(), []
+        seen: set[str] = set()
+        pool: list[Example] = []
         while len(pool) < n_train + n_eval:
             example = make()
             if example[0] not in seen:

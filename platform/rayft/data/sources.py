@@ -222,7 +222,7 @@ def _read_parquet(path: str) -> Iterator[tuple[int, int, Any]]:
 
 def _read_csv(path: str) -> Iterator[tuple[int, int, Any]]:
     with _open(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")  # type: ignore[type-var]
         reader = csv.DictReader(text)
         try:
             for number, record in enumerate(reader, start=1):

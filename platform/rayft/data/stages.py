@@ -51,7 +51,6 @@ def sample_id(source: int, file: int, index: int, copy: int = 0) -> int:
     return (source << 56) | (file << 40) | (copy << 36) | index
 
 
-@ray.remote(num_cpus=0)
 class Ledger:
     """Counts per drop reason, examples of skipped records, and seen-hashes for dedup."""
 
@@ -67,13 +66,16 @@ class Ledger:
             self.seen.add(value)
         return fresh
 
-    def add(self, counts: dict[str, int], errors: list[str] = ()) -> None:
+    def add(self, counts: dict[str, int], errors: tuple[str, ...] | list[str] = ()) -> None:
         self.counts.update(counts)
         room = MAX_ERRORS_KEPT - len(self.errors)
         self.errors.extend(list(errors)[:max(room, 0)])
 
     def summary(self) -> dict[str, Any]:
         return {"counts": dict(self.counts), "errors": list(self.errors)}
+
+
+LedgerActor = ray.remote(num_cpus=0)(Ledger)  # one per pipeline run, on the driver's node
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,12 @@ class SampleSource(Datasource):
                 rows, counts, errors = [], Counter(), []
         yield self._block(rows, counts, errors, options)
 
-    def _block(self, rows: list, counts: Counter, errors: list[str], options: SourceOptions) -> pa.Table:
+    def _block(self, rows: list[tuple[tuple[int, int, int], str, str, str]], counts: Counter,
+               errors: list[str], options: SourceOptions) -> pa.Table:
         filters = self.data.filters
         if rows and (filters.dedup or filters.near_dedup):
             samples = [json.loads(payload) for _, _, _, payload in rows]
-            keep = np.ones(len(rows), dtype=bool)
+            keep: np.ndarray = np.ones(len(rows), dtype=bool)
             if filters.dedup:
                 keep &= ray.get(self.ledger.first_seen.remote([content_hash(s) for s in samples]))
                 counts["duplicate"] += int((~keep).sum())
@@ -205,6 +208,7 @@ class Encoder:
         texts = [i for i, row in enumerate(rows) if row["kind"] == "text"]
         encoded: dict[int, Encoded] = {}
         if chats:
+            assert self.template is not None, "conversations are rendered with the job's chat template"
             chat_out = encode_conversations([samples[i]["messages"] for i in chats], self.template,
                                             self.tokenizer, self.data.train_on)
             encoded.update(zip(chats, chat_out))

@@ -67,7 +67,7 @@ def encode_conversations(conversations: Sequence[list[dict[str, str]]], template
     out = []
     for (text, spans), ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"]):
         offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        trained = np.zeros(len(ids), dtype=bool)
+        trained: np.ndarray = np.zeros(len(ids), dtype=bool)
         for start, end in spans:
             trained |= (offsets[:, 0] >= start) & (offsets[:, 0] < end)
         labels = np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE)

@@ -81,7 +81,7 @@ def evaluate_run_on_tasks(plan: RunPlan, tasks: Sequence[str], checkpoint: str |
                           **options: Any) -> tuple[dict[str, Any], str]:
     """`rayft eval --harness-task`: base and tuned (as `rayft eval` picks them) on the tasks;
     saved as <run>/lm_eval.json (lm_eval-<checkpoint>.json for a checkpoint)."""
-    models = {label: (_local(model_dir), _local(adapter))
+    models = {label: (_local(model_dir) or model_dir, _local(adapter))
               for label, (model_dir, adapter) in run_models(plan, checkpoint).items()}
     results = compare_on_tasks(models, tasks, **options)
     out = plan.run_dir.eval_result("lm_eval", checkpoint)

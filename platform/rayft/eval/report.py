@@ -53,7 +53,7 @@ def read_run(run_dir: RunDir) -> dict[str, Any]:
     metrics = ([json.loads(line) for line in lines.splitlines() if line.strip()] if lines
                else _trainer_log_history(run_dir))
     return {"spec": found["spec"], "metrics": metrics,
-            **{name: json.loads(found[name]) if found[name] else None for name in ("summary", "eval", "lm_eval")}}
+            **{name: json.loads(text) if (text := found[name]) else None for name in ("summary", "eval", "lm_eval")}}
 
 
 def _trainer_log_history(run_dir: RunDir) -> list[dict[str, Any]]:

@@ -40,7 +40,8 @@ def suggestions(spec: JobSpec, device: Accelerator, replan: Replan) -> list[Sugg
     micro = [s for s in found if s.change.startswith("micro-batch")]  # keep one: the largest that fits
     found = [s for s in found if s not in micro or s is next((m for m in micro if m.fits), micro[-1])]
     if found and not any(s.fits for s in found):
-        chosen, best = [], None
+        chosen: list[Suggestion] = []
+        best: Planned | None = None
         for s in found:  # add changes while they help, until it fits ...
             plan = replan([o for c in chosen + [s] for o in c.overrides])
             if plan and plan.total_bytes < (best.total_bytes if best else baseline):

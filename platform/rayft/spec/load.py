@@ -5,6 +5,7 @@ that names the field and the file:line it came from, with a suggestion for a mis
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ from rayft.spec.schema import JobSpec
 from rayft.spec.yamlfile import Origins, apply_override, deep_merge, read_yaml
 
 
-def load_spec(path: str | Path | None = None, *, profiles: list[str | Path] = (),
-              overrides: list[str] = (), data: dict[str, Any] | None = None) -> JobSpec:
+def load_spec(path: str | Path | None = None, *, profiles: Sequence[str | Path] = (),
+              overrides: Sequence[str] = (), data: dict[str, Any] | None = None) -> JobSpec:
     """YAML file (or a dict) + profile overlays + `a.b=c` overrides -> a validated JobSpec."""
     origins = Origins()
     if path is not None:
@@ -48,16 +49,16 @@ def validate_spec(data: dict[str, Any], origins: Origins | None = None) -> JobSp
 
 def _suggest(loc: list[str]) -> str:
     """' (did you mean ...?)' for a misspelt key, from the fields of the section it sits in."""
-    model: type[BaseModel] | None = JobSpec
+    model: type[BaseModel] = JobSpec
     for part in loc[:-1]:
         if part.isdigit():  # a list index: the element type was found at the list's own key
             continue
-        field = model.model_fields.get(part) if model else None
-        annotation = getattr(field, "annotation", None)
+        annotation = getattr(model.model_fields.get(part), "annotation", None)
         candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
+        found = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if found is None:
             return ""
+        model = found
     close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(model.model_fields)})"
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rayft.errors import SpecError
 from rayft.spec.secrets import redact
 
 
@@ -200,6 +201,10 @@ class TrackingSpec(Section):
 
 
 # ------------------------------------------------------------------------------------ eval
+Scorer = Literal["exact_match", "contains", "rouge_l", "token_f1"]
+DEFAULT_SCORERS: tuple[Scorer, ...] = ("exact_match", "contains", "rouge_l")
+
+
 class EvalSpec(Section):
     before_after: bool = Field(True, description="At the end of `train`, compare base and tuned on held-out prompts.")
     num_prompts: int = Field(32, ge=0)
@@ -207,8 +212,7 @@ class EvalSpec(Section):
     do_sample: bool = False
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
-    metrics: list[Literal["exact_match", "contains", "rouge_l", "token_f1"]] = Field(
-        default_factory=lambda: ["exact_match", "contains", "rouge_l"])
+    metrics: list[Scorer] = Field(default_factory=lambda: list(DEFAULT_SCORERS))
 
 
 # ------------------------------------------------------------------------------------ tune
@@ -300,6 +304,13 @@ class JobSpec(Section):
     @property
     def run_name(self) -> str:
         return self.run.name or "rayft-run"
+
+    @property
+    def sweep(self) -> TuneSpec:
+        """The tune section, for code that runs only in a sweep."""
+        if self.tune is None or not self.tune.search_space:
+            raise SpecError("the spec has no tune.search_space to sweep", field="tune")
+        return self.tune
 
     def step_plan(self, train_rows: int) -> StepPlan:
         """Optimizer steps per epoch and in total, as the HF trainer will count them, and the

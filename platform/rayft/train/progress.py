@@ -11,7 +11,6 @@ from typing import Any
 import ray
 
 
-@ray.remote(num_cpus=0)
 class ProgressBoard:
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
@@ -23,6 +22,9 @@ class ProgressBoard:
 
     def read(self) -> tuple[int, dict[str, Any]]:
         return self.version, dict(self.state)
+
+
+ProgressBoardActor = ray.remote(num_cpus=0)(ProgressBoard)
 
 
 def describe(state: dict[str, Any]) -> str:

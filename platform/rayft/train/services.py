@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from rayft.train.progress import ProgressBoard, ProgressPrinter
+from rayft.train.progress import ProgressBoardActor, ProgressPrinter
 from rayft.train.run import RunPlan
 from rayft.train.tracking import run_settings, start_tracker
 
@@ -40,7 +40,7 @@ class RunServices:
         self.started = time.time()
 
     def __enter__(self) -> RunServices:
-        self.board = ProgressBoard.remote()
+        self.board = ProgressBoardActor.remote()
         notices = {}
         if self.tracker is not None:
             notices[self.tracker.start.remote(self.plan.tracker_key, run_settings(self.plan))] = "wandb"

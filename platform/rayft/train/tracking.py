@@ -64,7 +64,6 @@ def run_settings(plan: RunPlan) -> dict[str, Any]:
             "id": run_id(plan.run_dir.path, trial.name if trial else None)}
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
 class Tracker:
     """Holds W&B runs by key; each is finished exactly once, by `finish` or `finish_all`."""
 
@@ -123,13 +122,16 @@ class Tracker:
         return run.url if getattr(run, "url", None) else run.dir
 
 
+TrackerActor = ray.remote(num_cpus=0, max_restarts=0)(Tracker)
+
+
 def start_tracker(spec: JobSpec, tracker: Any | None = None) -> Any | None:
     """A tracker for this driver to own (or the one given by a sweep); None when disabled."""
     if wandb_mode(spec) == "disabled":
         return None
     if tracker is not None:
         return tracker
-    return Tracker.options(runtime_env=runtime_env(spec, Target.TRACKER)).remote()
+    return TrackerActor.options(runtime_env=runtime_env(spec, Target.TRACKER)).remote()
 
 
 class MetricsToTracker(TrainerCallback):

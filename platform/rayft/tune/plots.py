@@ -14,14 +14,14 @@ COLORS = {"finished": "tab:blue", "stopped early": "tab:orange", "failed": "tab:
 def plot_sweep(trials: list[Any], spec: JobSpec, directory: str) -> str | None:
     from matplotlib.figure import Figure
 
-    params = list(spec.tune.search_space)
+    params = list(spec.sweep.search_space)
     scored = [t for t in trials if t.metric is not None]
     if not scored:
         return None
     figure = Figure(figsize=(5 * (len(params) + 1), 4), layout="constrained")
-    axes = figure.subplots(1, len(params) + 1, squeeze=False)[0]
+    axes: Any = figure.subplots(1, len(params) + 1, squeeze=False)[0]
     for ax, path in zip(axes, params):
-        kind = next(iter(spec.tune.search_space[path]))
+        kind = next(iter(spec.sweep.search_space[path]))
         for status, color in COLORS.items():
             points = [(t.params.get(path), t.metric) for t in scored if t.status == status]
             xs = [p[0] for p in points if isinstance(p[0], (int, float))]
@@ -33,7 +33,7 @@ def plot_sweep(trials: list[Any], spec: JobSpec, directory: str) -> str | None:
         if kind == "loguniform" or (kind in ("grid", "choice") and _positive_spread(scored, path)):
             ax.set_xscale("log")
         ax.set_xlabel(path)
-        ax.set_ylabel(f"{spec.tune.metric} (last report)")
+        ax.set_ylabel(f"{spec.sweep.metric} (last report)")
         ax.grid(alpha=0.3)
     curves = axes[-1]
     for trial in trials:
@@ -42,7 +42,7 @@ def plot_sweep(trials: list[Any], spec: JobSpec, directory: str) -> str | None:
             curves.plot(steps, values, marker="o", color=COLORS.get(trial.status, "tab:gray"),
                         alpha=0.8, label=f"{trial.name} ({trial.status})")
     curves.set_xlabel("step")
-    curves.set_ylabel(spec.tune.metric)
+    curves.set_ylabel(spec.sweep.metric)
     curves.set_title("every trial")
     curves.grid(alpha=0.3)
     curves.legend(fontsize="x-small")

@@ -48,7 +48,7 @@ def data_variants(spec: JobSpec) -> list[dict[str, Any]]:
     """Every combination of the swept data.* values (one prepared dataset each); [{}] if none.
     A trial runs inside Tune's placement group, where Ray Data's tasks could not be scheduled,
     so the data must be prepared before the trials start: data.* values must be enumerable."""
-    swept = {path: domain for path, domain in spec.tune.search_space.items() if path.startswith("data.")}
+    swept = {path: domain for path, domain in spec.sweep.search_space.items() if path.startswith("data.")}
     for path, domain in swept.items():
         if not {"grid", "choice"} & set(domain):
             raise SpecError(f"sweeping {path} needs grid or choice values: each data variant is prepared before "
@@ -68,7 +68,7 @@ def default_concurrency(spec: JobSpec) -> int:
 def scheduler(spec: JobSpec) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
-    choice = spec.tune.scheduler
+    choice = spec.sweep.scheduler
     # Time is counted in reports (one per evaluation/checkpoint), so grace_period reads as
     # "evaluations a trial always gets".
     if choice.kind == "asha":
@@ -81,9 +81,9 @@ def scheduler(spec: JobSpec) -> Any:
 
 
 def search_algorithm(spec: JobSpec) -> Any:
-    if spec.tune.search_alg == "random":
+    if spec.sweep.search_alg == "random":
         return None  # Tune's default: random sampling, grid values expanded
-    if any("grid" in domain for domain in spec.tune.search_space.values()):
+    if any("grid" in domain for domain in spec.sweep.search_space.values()):
         raise SpecError("grid values need tune.search_alg=random (Optuna samples; it does not enumerate grids)",
                         field="tune.search_alg")
     from ray.tune.search.optuna import OptunaSearch

@@ -19,7 +19,7 @@ import yaml
 
 from rayft import storage
 from rayft.data.prepare import prepare
-from rayft.errors import SpecError, user_error_in
+from rayft.errors import user_error_in
 from rayft.model import load_tokenizer, materialized_dir
 from rayft.rundir import prepared_base, storage_root
 from rayft.spec import JobSpec, validate_spec
@@ -85,8 +85,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, trial
 
 
 def sweep(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = print) -> SweepResult:
-    if spec.tune is None or not spec.tune.search_space:
-        raise SpecError("the spec has no tune.search_space to sweep", field="tune")
+    tune_spec = spec.sweep  # a SpecError without a search space, before anything starts
     started = time.time()
     directory = str(storage_root(spec).join(spec.run_name))
     if fresh:
@@ -100,15 +99,15 @@ def sweep(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
     except BaseException:
         _finish_tracking(tracker, {}, default="interrupted")
         raise
-    trials = [summarize(result, spec.tune.metric) for result in results]
+    trials = [summarize(result, spec.sweep.metric) for result in results]
     _finish_tracking(tracker, {trial.name: trial.status for trial in trials}, default="stopped early")
-    best = pick_best(trials, spec.tune.mode)
+    best = pick_best(trials, spec.sweep.mode)
     best_path = write_best_spec(spec, best, directory) if best else None
     plot = plot_sweep(trials, spec, directory)
-    storage.write_json(f"{directory}/sweep.json", {"metric": spec.tune.metric, "mode": spec.tune.mode,
+    storage.write_json(f"{directory}/sweep.json", {"metric": spec.sweep.metric, "mode": spec.sweep.mode,
                                                    "trials": [asdict(t) for t in trials],
                                                    "best": best.name if best else None})
-    return SweepResult(spec.run_name, directory, spec.tune.metric, spec.tune.mode, trials, best, best_path, plot,
+    return SweepResult(spec.run_name, directory, tune_spec.metric, tune_spec.mode, trials, best, best_path, plot,
                        time.time() - started, resumed)
 
 
@@ -125,7 +124,6 @@ def _tuner(spec: JobSpec, directory: str, tracker: Any, log: Callable[[str], Non
     """A new Tuner, or the interrupted sweep's restored (and whether it was restored)."""
     from ray import tune
 
-    assert spec.tune is not None
     name = spec.run_name
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=spec.model_dump(mode="json"), sweep=name,
@@ -134,13 +132,13 @@ def _tuner(spec: JobSpec, directory: str, tracker: Any, log: Callable[[str], Non
     if tune.Tuner.can_restore(directory):
         log(f"tune: resuming sweep {name} from {directory} (--fresh starts over)")
         return tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=False), True
-    concurrency = spec.tune.max_concurrent_trials or default_concurrency(spec)
-    log(f"tune: {spec.tune.num_samples} sample(s) of {len(spec.tune.search_space)} parameter(s), "
-        f"{concurrency} trial(s) at a time, {spec.tune.scheduler.kind} scheduler -> {directory}")
+    concurrency = spec.sweep.max_concurrent_trials or default_concurrency(spec)
+    log(f"tune: {spec.sweep.num_samples} sample(s) of {len(spec.sweep.search_space)} parameter(s), "
+        f"{concurrency} trial(s) at a time, {spec.sweep.scheduler.kind} scheduler -> {directory}")
     tuner = tune.Tuner(
-        trainable, param_space={PARAMS: search_space(spec.tune)},
-        tune_config=tune.TuneConfig(metric=spec.tune.metric, mode=spec.tune.mode, scheduler=scheduler(spec),
-                                    search_alg=search_algorithm(spec), num_samples=spec.tune.num_samples,
+        trainable, param_space={PARAMS: search_space(spec.sweep)},
+        tune_config=tune.TuneConfig(metric=spec.sweep.metric, mode=spec.sweep.mode, scheduler=scheduler(spec),
+                                    search_alg=search_algorithm(spec), num_samples=spec.sweep.num_samples,
                                     max_concurrent_trials=concurrency,
                                     trial_name_creator=lambda t: f"trial-{t.trial_id}",
                                     trial_dirname_creator=lambda t: f"trial-{t.trial_id}"),
@@ -184,7 +182,10 @@ def pick_best(trials: list[TrialOutcome], mode: str) -> TrialOutcome | None:
     finished = [t for t in trials if t.status == "finished" and t.metric is not None]
     if not finished:
         return None
-    return (min if mode == "min" else max)(finished, key=lambda t: t.metric)
+    def metric(trial: TrialOutcome) -> float:
+        return trial.metric if trial.metric is not None else math.nan
+
+    return (min if mode == "min" else max)(finished, key=metric)
 
 
 def write_best_spec(spec: JobSpec, best: TrialOutcome, directory: str) -> str:
@@ -196,7 +197,7 @@ def write_best_spec(spec: JobSpec, best: TrialOutcome, directory: str) -> str:
     data["tune"] = None
     data["run"]["name"] = f"{spec.run_name}-best"
     best_spec = validate_spec(data)
-    header = (f"# The best trial of sweep {spec.run_name}: {best.name}, {spec.tune.metric} = {best.metric:.6g}\n"
+    header = (f"# The best trial of sweep {spec.run_name}: {best.name}, {spec.sweep.metric} = {best.metric:.6g}\n"
               f"# with {', '.join(f'{k}={v!r}' for k, v in best.params.items())}.\n"
               f"# Train it: rayft train {directory}/best.yaml\n")
     path = f"{directory}/best.yaml"
