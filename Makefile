@@ -26,11 +26,13 @@ quickstart: setup
 
 lint: setup  # fast gates, run by .ci/run before the tests
 	$(BIN)/ruff check platform tests bench jobs
+	$(BIN)/ruff format --check platform tests bench jobs
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
 format: setup
 	$(BIN)/ruff check --fix platform tests bench jobs
+	$(BIN)/ruff format platform tests bench jobs
 
 test: setup
 	$(BIN)/python -m pytest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform as stdlib_platform
@@ -36,25 +37,32 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     memory = 0
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):
         memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
     gpu = None
-    try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        gpu = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     versions = {}
     for package in ("torch", "ray", "transformers", "trl", "peft", "datasets"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1), "gpu": gpu,
-            "python": stdlib_platform.python_version(), "versions": versions,
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory / 2**30, 1),
+        "gpu": gpu,
+        "python": stdlib_platform.python_version(),
+        "versions": versions,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def record(name: str, results: dict[str, Any], markdown: str) -> Path:
@@ -62,10 +70,13 @@ def record(name: str, results: dict[str, Any], markdown: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = machine()
     (RESULTS / f"{name}.json").write_text(json.dumps({"machine": info, **results}, indent=2))
-    header = (f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB"
-              + (f", GPU {info['gpu']}" if info["gpu"] else ", no GPU")
-              + f"; Python {info['python']}; " + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-              + f"; {info['date']}.\n\n")
+    header = (
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB"
+        + (f", GPU {info['gpu']}" if info["gpu"] else ", no GPU")
+        + f"; Python {info['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+        + f"; {info['date']}.\n\n"
+    )
     path = RESULTS / f"{name}.md"
     path.write_text(header + markdown.rstrip() + "\n")
     return path

@@ -27,7 +27,9 @@ class CountingTrainer(SFTTrainer):
     def training_step(self, model, inputs, *args, **kwargs):
         if self.first_step_at is None:
             self.first_step_at = time.time()
-        self.tokens += int(inputs["input_ids"].numel()) if "attention_mask" not in inputs else int(inputs["attention_mask"].sum())
+        self.tokens += (
+            int(inputs["input_ids"].numel()) if "attention_mask" not in inputs else int(inputs["attention_mask"].sum())
+        )
         return super().training_step(model, inputs, *args, **kwargs)
 
 
@@ -36,22 +38,47 @@ def main(model_dir: str, train_files: list[str], steps: int, output_dir: str) ->
     set_seed(42)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     dataset = Dataset(pq.read_table(train_files, columns=["input_ids", "labels", "seq_lengths"]))
-    args = SFTConfig(output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                     max_steps=steps, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.1,
-                     logging_steps=5, save_strategy="steps", save_steps=steps, report_to="none",
-                     disable_tqdm=True, use_cpu=True, seed=42, dataset_kwargs={"skip_prepare_dataset": True})
-    trainer = CountingTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
-                                                                            padding_free=True))
+    args = SFTConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=1e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        logging_steps=5,
+        save_strategy="steps",
+        save_steps=steps,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=42,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    trainer = CountingTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True),
+    )
     began = time.time()
     trainer.train()
     train_seconds = time.time() - began
-    print(json.dumps({"tokens": trainer.tokens, "train_seconds": train_seconds,
-                      "tokens_per_second": trainer.tokens / train_seconds,
-                      "seconds_to_first_step": trainer.first_step_at - STARTED}))
+    print(
+        json.dumps(
+            {
+                "tokens": trainer.tokens,
+                "train_seconds": train_seconds,
+                "tokens_per_second": trainer.tokens / train_seconds,
+                "seconds_to_first_step": trainer.first_step_at - STARTED,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

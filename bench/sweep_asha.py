@@ -29,14 +29,21 @@ def sweep_spec(storage: Path, name: str, scheduler: str, steps: int) -> dict:
     return {
         "model": {"path": str(REPO.parent / "shared" / "models" / "stories260K")},
         "method": {"kind": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "data": {"train": str(REPO / "data/quickstart/train.jsonl"), "eval": str(REPO / "data/quickstart/eval.jsonl"),
-                 "format": "messages", "max_length": 128, "packing": True},
+        "data": {
+            "train": str(REPO / "data/quickstart/train.jsonl"),
+            "eval": str(REPO / "data/quickstart/eval.jsonl"),
+            "format": "messages",
+            "max_length": 128,
+            "packing": True,
+        },
         "train": {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": steps, "save_every": 2, "warmup": 0},
         "scaling": {"num_workers": 2},
         "run": {"name": name, "storage_path": str(storage)},
         "tracking": {"wandb": {"mode": "disabled"}},
-        "tune": {"search_space": {"train.learning_rate": {"grid": RATES}},
-                 "scheduler": {"kind": scheduler, "grace_period": 1, "reduction_factor": 2}},
+        "tune": {
+            "search_space": {"train.learning_rate": {"grid": RATES}},
+            "scheduler": {"kind": scheduler, "grace_period": 1, "reduction_factor": 2},
+        },
     }
 
 
@@ -57,21 +64,34 @@ def main() -> None:
         wall = time.time() - started
         result = json.loads((storage / name / "sweep.json").read_text())
         best = next(t for t in result["trials"] if t["name"] == result["best"])
-        runs[scheduler] = {"wall_seconds": wall, "trials": len(result["trials"]),
-                           "stopped_early": sum(t["status"] == "stopped early" for t in result["trials"]),
-                           "steps_trained": sum(t["steps"] for t in result["trials"]),
-                           "trials_per_minute": 60 * len(result["trials"]) / wall,
-                           "best_rate": best["params"]["train.learning_rate"], "best_metric": best["metric"]}
-    lines = ["| scheduler | wall s | trials | stopped early | steps trained | trials/min | best lr | best eval_loss |",
-             "|---|---|---|---|---|---|---|---|"]
+        runs[scheduler] = {
+            "wall_seconds": wall,
+            "trials": len(result["trials"]),
+            "stopped_early": sum(t["status"] == "stopped early" for t in result["trials"]),
+            "steps_trained": sum(t["steps"] for t in result["trials"]),
+            "trials_per_minute": 60 * len(result["trials"]) / wall,
+            "best_rate": best["params"]["train.learning_rate"],
+            "best_metric": best["metric"],
+        }
+    lines = [
+        "| scheduler | wall s | trials | stopped early | steps trained | trials/min | best lr | best eval_loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, row in runs.items():
-        lines.append(f"| {name} | {row['wall_seconds']:.0f} | {row['trials']} | {row['stopped_early']} | "
-                     f"{row['steps_trained']} | {row['trials_per_minute']:.2f} | {row['best_rate']:g} | {row['best_metric']:.4f} |")
+        lines.append(
+            f"| {name} | {row['wall_seconds']:.0f} | {row['trials']} | {row['stopped_early']} | "
+            f"{row['steps_trained']} | {row['trials_per_minute']:.2f} | {row['best_rate']:g} | "
+            f"{row['best_metric']:.4f} |"
+        )
     speedup = runs["none"]["wall_seconds"] / runs["asha"]["wall_seconds"]
-    text = (f"# Sweep: ASHA vs no early stopping ({len(RATES)} trials x 2 workers, {args.steps} steps each)\n\n"
-            + __doc__.split("\n\n")[2] + "\n\n" + "\n".join(lines)
-            + f"\n\n- wall time without early stopping / with ASHA: **{speedup:.2f}x**"
-              f"\n- both found the same best learning rate: {runs['none']['best_rate'] == runs['asha']['best_rate']}\n")
+    text = (
+        f"# Sweep: ASHA vs no early stopping ({len(RATES)} trials x 2 workers, {args.steps} steps each)\n\n"
+        + __doc__.split("\n\n")[2]
+        + "\n\n"
+        + "\n".join(lines)
+        + f"\n\n- wall time without early stopping / with ASHA: **{speedup:.2f}x**"
+        f"\n- both found the same best learning rate: {runs['none']['best_rate'] == runs['asha']['best_rate']}\n"
+    )
     print(text)
     print(f"recorded {record('sweep_asha', {'runs': runs, 'speedup': speedup}, text)}")
 

@@ -7,6 +7,7 @@ Nothing here downloads anything: HF_HUB_OFFLINE and WANDB_MODE=offline are set f
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import secrets
@@ -27,12 +28,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 BIN = Path(sys.executable).parent
 
-os.environ.update({
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-    "WANDB_MODE": "offline", "WANDB_SILENT": "true", "RAY_AUTH_MODE": "token",
-    "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
-    "TQDM_DISABLE": "1",
-})
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "RAY_AUTH_MODE": "token",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TQDM_DISABLE": "1",
+    }
+)
 os.environ.pop("WANDB_API_KEY", None)
 # Ray 2.60 clusters use token authentication. The suite's clusters get a token of their own,
 # in the environment that `ray start`, the clients and the CLI subprocesses all inherit: a fresh
@@ -66,13 +75,30 @@ def ray_cluster() -> Cluster:
     """A real Ray cluster on this machine, started with `ray start --head` and stopped after."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dashboard = free_port(), free_port()
-    ports = {flag: free_port() for flag in ("--node-manager-port", "--object-manager-port",
-                                             "--dashboard-agent-listen-port", "--metrics-export-port",
-                                             "--runtime-env-agent-port", "--dashboard-agent-grpc-port")}
-    command = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
-               "--include-dashboard=true", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-               f"--temp-dir={temp}", "--disable-usage-stats",
-               *[f"{flag}={value}" for flag, value in ports.items()]]
+    ports = {
+        flag: free_port()
+        for flag in (
+            "--node-manager-port",
+            "--object-manager-port",
+            "--dashboard-agent-listen-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+            "--dashboard-agent-grpc-port",
+        )
+    }
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        *[f"{flag}={value}" for flag, value in ports.items()],
+    ]
     # The venv's bin first on PATH: job entrypoints (`python jobs/train.py`) run in the cluster's
     # environment, which is inherited from `ray start`.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -98,15 +124,11 @@ def stop_cluster(temp_dir: str) -> int:
     roots = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in (p.info["cmdline"] or []))]
     family = set(roots)
     for process in roots:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             family.update(process.children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
     for process in family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(family, timeout=15)
     for process in alive:
         process.kill()
@@ -123,11 +145,13 @@ def build_tokenizer(texts: list[str], vocab_size: int = 400) -> Any:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>",
-                                        pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
+    )
     tokenizer.chat_template = CHATML
     return tokenizer
 
@@ -138,10 +162,19 @@ def build_llama(directory: Path, tokenizer: Any, seed: int = 0, **config: Any) -
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                    tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     settings.update(config)
     model = LlamaForCausalLM(LlamaConfig(**settings))
     model.save_pretrained(directory, safe_serialization=True)
@@ -186,12 +219,16 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def chat_data(tmp_path_factory: pytest.TempPathFactory, sample_records: tuple[list[dict], list[dict]]) -> dict[str, Path]:
+def chat_data(
+    tmp_path_factory: pytest.TempPathFactory, sample_records: tuple[list[dict], list[dict]]
+) -> dict[str, Path]:
     """64 training and 16 eval conversations from rayft's sample generator."""
     train, evals = sample_records
     root = tmp_path_factory.mktemp("chat-data")
-    return {"train": write_jsonl(root / "train.jsonl", train[:64]),
-            "eval": write_jsonl(root / "eval.jsonl", evals[:16])}
+    return {
+        "train": write_jsonl(root / "train.jsonl", train[:64]),
+        "eval": write_jsonl(root / "eval.jsonl", evals[:16]),
+    }
 
 
 # Prepared data shared by every test's runs (the cache is keyed by data, tokenizer and template),
@@ -207,10 +244,22 @@ def spec_dict(model: Path, data: dict[str, Path], storage: Path, **sections: Any
     base = {
         "model": {"path": str(model)},
         "method": {"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-        "data": {"train": str(data["train"]), "eval": str(data["eval"]) if "eval" in data else None,
-                 "max_length": 128, "format": "messages", "cache_dir": str(PREPARED_CACHE)},
-        "train": {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "learning_rate": 1e-3,
-                  "log_every": 1, "save_every": 2, "warmup": 0},
+        "data": {
+            "train": str(data["train"]),
+            "eval": str(data["eval"]) if "eval" in data else None,
+            "max_length": 128,
+            "format": "messages",
+            "cache_dir": str(PREPARED_CACHE),
+        },
+        "train": {
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "max_steps": 4,
+            "learning_rate": 1e-3,
+            "log_every": 1,
+            "save_every": 2,
+            "warmup": 0,
+        },
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},
         "run": {"storage_path": str(storage), "checkpoints_to_keep": 2},
         "eval": {"num_prompts": 4, "max_new_tokens": 8},
@@ -223,10 +272,18 @@ def write_spec(path: Path, spec: dict[str, Any]) -> Path:
     return path
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """`rayft ARGS` in a subprocess, as a user runs it."""
-    return subprocess.run([str(BIN / "rayft"), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env or os.environ.copy(), cwd=cwd)
+    return subprocess.run(
+        [str(BIN / "rayft"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or os.environ.copy(),
+        cwd=cwd,
+    )
 
 
 def wait_for(predicate: Any, timeout: float = 60, every: float = 0.5) -> Any:

@@ -38,7 +38,9 @@ def test_large_llama_specs_fit_their_gpu_profile(config: str, profile: str) -> N
     assert gpu.model == base.model and gpu.data == base.data and gpu.train == base.train
     assert gpu.method.model_copy(update={"precision": "auto"}) == base.method
     plan = estimate(gpu, tokens=20_000_000)
-    assert plan.fits, f"{config} with {profile}: {plan.total_bytes / 2**30:.1f} GiB > {plan.capacity_bytes / 2**30:.0f} GiB"
+    assert plan.fits, (
+        f"{config} with {profile}: {plan.total_bytes / 2**30:.1f} GiB > {plan.capacity_bytes / 2**30:.0f} GiB"
+    )
 
 
 def test_profiles_only_touch_scaling_and_precision() -> None:

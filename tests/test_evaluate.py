@@ -79,8 +79,11 @@ def test_a_packed_row_is_scored_sample_by_sample(tiny_llama: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     a, b = random_rows(model.config.vocab_size)[:2]
-    packed = {"input_ids": a["input_ids"] + b["input_ids"], "labels": a["labels"] + b["labels"],
-              "seq_lengths": [len(a["input_ids"]), len(b["input_ids"])]}
+    packed = {
+        "input_ids": a["input_ids"] + b["input_ids"],
+        "labels": a["labels"] + b["labels"],
+        "seq_lengths": [len(a["input_ids"]), len(b["input_ids"])],
+    }
     alone = row_losses(model, [a, b])
     together = row_losses(model, [packed])
     assert [r.tokens for r in together] == [r.tokens for r in alone]
@@ -95,8 +98,9 @@ def test_shard_ranges_cover_all_rows_on_batch_boundaries() -> None:
         assert all(start % batch == 0 for start, _ in ranges) and len(ranges) <= shards
 
 
-def test_shard_count_follows_the_data_and_the_cluster(monkeypatch: pytest.MonkeyPatch, tiny_llama: Path,
-                                                      chat_data: dict[str, Path], tmp_path: Path) -> None:
+def test_shard_count_follows_the_data_and_the_cluster(
+    monkeypatch: pytest.MonkeyPatch, tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path
+) -> None:
     import ray
 
     cpu = load_spec(data=spec_dict(tiny_llama, chat_data, tmp_path))
@@ -110,15 +114,24 @@ def test_shard_count_follows_the_data_and_the_cluster(monkeypatch: pytest.Monkey
 
 # ------------------------------------------------------------------- a real run (slow)
 @pytest.fixture(scope="module")
-def run(ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def run(
+    ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     from rayft.eval.compare import before_after
     from rayft.train.driver import fit
     from rayft.train.run import plan_run
 
     storage = tmp_path_factory.mktemp("runs")
-    spec = load_spec(data=spec_dict(tiny_llama, chat_data, storage, run={"name": "eval-run"},
-                                    train={"max_steps": STEPS, "eval_every": 2, "save_every": 4, "learning_rate": 1e-2},
-                                    eval={"num_prompts": 4, "max_new_tokens": 8}))
+    spec = load_spec(
+        data=spec_dict(
+            tiny_llama,
+            chat_data,
+            storage,
+            run={"name": "eval-run"},
+            train={"max_steps": STEPS, "eval_every": 2, "save_every": 4, "learning_rate": 1e-2},
+            eval={"num_prompts": 4, "max_new_tokens": 8},
+        )
+    )
     plan = plan_run(spec, log=lambda _: None)
     summary = fit(plan, log=lambda _: None)
     comparison = before_after(plan, summary)
@@ -161,7 +174,7 @@ def test_base_and_tuned_are_scored_on_the_same_tokens(run: dict[str, Any]) -> No
 def test_sharded_loss_equals_unsharded_loss(run: dict[str, Any], tiny_llama: Path) -> None:
     from rayft.eval.loss import held_out_loss
 
-    spec, summary = run["spec"], run["summary"]
+    spec = run["spec"]
     one = run["comparison"].loss["base"]
     four = held_out_loss(spec, {"base": (str(tiny_llama), None)}, run["plan"].prepared, shards=4)["base"]
     assert (one.shards, four.shards) == (1, 4)
@@ -222,8 +235,14 @@ def test_report_of_the_real_run(run: dict[str, Any]) -> None:
     summary, loss = run["summary"], run["comparison"].loss
     report = build_report(summary.run_dir)
     markdown = Path(report.markdown).read_text()
-    for text in (f"{summary.train_loss:.4f}", f"{loss['base'].loss:.4f}", f"{loss['tuned'].loss:.4f}",
-                 f"{loss['base'].perplexity:.3f}", f"{loss['tuned'].perplexity:.3f}", "same tokens"):
+    for text in (
+        f"{summary.train_loss:.4f}",
+        f"{loss['base'].loss:.4f}",
+        f"{loss['tuned'].loss:.4f}",
+        f"{loss['base'].perplexity:.3f}",
+        f"{loss['tuned'].perplexity:.3f}",
+        "same tokens",
+    ):
         assert text in markdown, text
     assert len(report.images) == 3
     for image in report.images:
@@ -256,14 +275,20 @@ def test_lm_eval_harness_on_a_local_task(run: dict[str, Any], tiny_llama: Path, 
     pytest.importorskip("lm_eval")
     from rayft.eval.harness import HarnessError, compare_on_tasks
 
-    questions = [{"question": "What is 2 plus 2?", "choices": ["4", "5", "22"], "label": 0},
-                 {"question": "What is the capital of France?", "choices": ["Paris", "Rome"], "label": 0},
-                 {"question": "What is 3 times 3?", "choices": ["6", "9"], "label": 1}]
+    questions = [
+        {"question": "What is 2 plus 2?", "choices": ["4", "5", "22"], "label": 0},
+        {"question": "What is the capital of France?", "choices": ["Paris", "Rome"], "label": 0},
+        {"question": "What is 3 times 3?", "choices": ["6", "9"], "label": 1},
+    ]
     (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     (tmp_path / "tiny_choice.yaml").write_text(HARNESS_TASK.format(data=tmp_path / "tiny.jsonl"))
     summary = run["summary"]
-    results = compare_on_tasks({"base": (str(tiny_llama), None), "tuned": (str(tiny_llama), summary.model_dir)},
-                               ["tiny_choice"], include_path=str(tmp_path), batch_size=2)
+    results = compare_on_tasks(
+        {"base": (str(tiny_llama), None), "tuned": (str(tiny_llama), summary.model_dir)},
+        ["tiny_choice"],
+        include_path=str(tmp_path),
+        batch_size=2,
+    )
     for label in ("base", "tuned"):
         assert 0.0 <= results[label]["tiny_choice"]["acc"] <= 1.0
     with pytest.raises(HarnessError, match="not_a_task"):

@@ -39,18 +39,29 @@ def train_workers_alive() -> list[Any]:
 
 
 def start_training(spec: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "rayft"), "train", str(spec), "--no-compare"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [str(BIN / "rayft"), "train", str(spec), "--no-compare"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture
 def job(ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path):
     def make(name: str, workers: int, **run: Any) -> tuple[Path, Path]:
-        spec = spec_dict(tiny_llama, chat_data, tmp_path / "runs", scaling={"num_workers": workers},
-                         train={"max_steps": None, "epochs": 1, "save_every": SAVE_EVERY},
-                         run={"name": name, "checkpoints_to_keep": 2, "checkpoint_metric": None, **run},
-                         eval={"before_after": False})
+        spec = spec_dict(
+            tiny_llama,
+            chat_data,
+            tmp_path / "runs",
+            scaling={"num_workers": workers},
+            train={"max_steps": None, "epochs": 1, "save_every": SAVE_EVERY},
+            run={"name": name, "checkpoints_to_keep": 2, "checkpoint_metric": None, **run},
+            eval={"before_after": False},
+        )
         return write_spec(tmp_path / f"{name}.yaml", spec), tmp_path / "runs" / name
+
     return make
 
 
@@ -72,19 +83,32 @@ def test_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_exactly(job, r
 
     # Exact mid-epoch resume: the steps kept from the first attempt plus the steps of the second
     # cover every training sample of the epoch exactly once.
-    before = [json.loads(line) for path in run_dir.glob("samples/rank*-from-step0.jsonl")
-              for line in path.read_text().splitlines() if line]
-    after = [json.loads(line) for path in run_dir.glob("samples/rank*-from-step4.jsonl")
-             for line in path.read_text().splitlines() if line]
+    before = [
+        json.loads(line)
+        for path in run_dir.glob("samples/rank*-from-step0.jsonl")
+        for line in path.read_text().splitlines()
+        if line
+    ]
+    after = [
+        json.loads(line)
+        for path in run_dir.glob("samples/rank*-from-step4.jsonl")
+        for line in path.read_text().splitlines()
+        if line
+    ]
     assert before and after and min(r["step"] for r in after) == 5 and max(r["step"] for r in after) == STEPS
-    trained = [i for r in before if r["step"] <= 4 for i in r["sample_ids"]] + [i for r in after for i in r["sample_ids"]]
+    trained = [i for r in before if r["step"] <= 4 for i in r["sample_ids"]] + [
+        i for r in after for i in r["sample_ids"]
+    ]
     assert len(trained) == len(set(trained)) == 64, "a sample was repeated or skipped across the restart"
     # ... and those are exactly the prepared training set
     import pyarrow.parquet as pq
 
     prepared = json.loads(Path(summary["prepared"], "stats.json").read_text())
-    every = {i for ids in pq.read_table(prepared["files"]["train"], columns=["sample_ids"]).column("sample_ids").to_pylist()
-             for i in ids}
+    every = {
+        i
+        for ids in pq.read_table(prepared["files"]["train"], columns=["sample_ids"]).column("sample_ids").to_pylist()
+        for i in ids
+    }
     assert set(trained) == every
 
 
@@ -114,8 +138,11 @@ def test_killed_driver_then_the_same_command_resumes_and_fresh_starts_over(job, 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["steps"], summary["resumed_from_step"]) == (STEPS, 4)
     # the metrics timeline has each step once, across both attempts
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if line and "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line and "loss" in json.loads(line)
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS
 
     fresh = run_cli("train", str(spec), "--no-compare", "--fresh", env=ray_cluster.env())

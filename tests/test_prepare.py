@@ -20,16 +20,23 @@ from rayft.spec import load_spec
 
 pytestmark = pytest.mark.slow
 
-ALPACA = [{"instruction": f"Question number {i}: what is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."}
-          for i in range(40)]
+ALPACA = [
+    {"instruction": f"Question number {i}: what is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."}
+    for i in range(40)
+]
 
 
 def prepare(tiny_llama: Path, storage: Path, data: dict[str, Any], force: bool = True, log=None):
     from rayft.data.prepare import prepare as run
     from rayft.model import load_tokenizer
 
-    spec = load_spec(data={"model": {"path": str(tiny_llama)}, "data": {"max_length": 256, **data},
-                           "run": {"storage_path": str(storage)}})
+    spec = load_spec(
+        data={
+            "model": {"path": str(tiny_llama)},
+            "data": {"max_length": 256, **data},
+            "run": {"storage_path": str(storage)},
+        }
+    )
     return spec, run(spec, load_tokenizer(spec), force=force, log=log or (lambda _: None))
 
 
@@ -44,7 +51,7 @@ def by_sample(prepared, split: str = "train") -> dict[int, tuple]:
     for row in rows(prepared, split):
         start = 0
         for sample, length in zip(row["sample_ids"], row["seq_lengths"]):
-            out[sample] = (row["input_ids"][start:start + length], row["labels"][start:start + length])
+            out[sample] = (row["input_ids"][start : start + length], row["labels"][start : start + length])
             start += length
     return out
 
@@ -64,10 +71,16 @@ def test_every_file_type_gives_the_same_samples(ray_cluster, tiny_llama, tmp_pat
     hub = tmp_path / "hub-dataset" / "data"  # laid out like a dataset repository on the hub
     hub.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(ALPACA), hub / "train-00000-of-00001.parquet")
-    sources = [str(jsonl), str(tmp_path / "a.json"), str(tmp_path / "a.parquet"), str(tmp_path / "a.csv"),
-               f"hf:{tmp_path / 'hub-dataset'}"]
-    _, prepared = prepare(tiny_llama, tmp_path / "runs", {"train": sources, "eval_fraction": 0.0,
-                                                          "filters": {"dedup": False}})
+    sources = [
+        str(jsonl),
+        str(tmp_path / "a.json"),
+        str(tmp_path / "a.parquet"),
+        str(tmp_path / "a.csv"),
+        f"hf:{tmp_path / 'hub-dataset'}",
+    ]
+    _, prepared = prepare(
+        tiny_llama, tmp_path / "runs", {"train": sources, "eval_fraction": 0.0, "filters": {"dedup": False}}
+    )
     samples = by_sample(prepared)
     assert len(samples) == 5 * len(ALPACA)
     groups: dict[int, set] = defaultdict(set)
@@ -80,23 +93,38 @@ def test_every_file_type_gives_the_same_samples(ray_cluster, tiny_llama, tmp_pat
 def test_globs_directories_weights_and_dedup(ray_cluster, tiny_llama, tmp_path) -> None:
     write_jsonl(tmp_path / "shards" / "part-0.jsonl", ALPACA[:20])
     write_jsonl(tmp_path / "shards" / "part-1.jsonl", ALPACA[20:])
-    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": f"p{i}", "response": f"r{i} is the reply"} for i in range(200)])
-    _, prepared = prepare(tiny_llama, tmp_path / "runs", {
-        "train": [{"path": str(tmp_path / "shards" / "*.jsonl"), "weight": 2.0},
-                  {"path": str(other), "weight": 0.5}], "eval_fraction": 0.0})
+    other = write_jsonl(
+        tmp_path / "other.jsonl", [{"prompt": f"p{i}", "response": f"r{i} is the reply"} for i in range(200)]
+    )
+    _, prepared = prepare(
+        tiny_llama,
+        tmp_path / "runs",
+        {
+            "train": [
+                {"path": str(tmp_path / "shards" / "*.jsonl"), "weight": 2.0},
+                {"path": str(other), "weight": 0.5},
+            ],
+            "eval_fraction": 0.0,
+        },
+    )
     samples = by_sample(prepared)
     per_source = Counter(sample_id >> 56 for sample_id in samples)
     assert per_source[0] == 2 * len(ALPACA)  # every record twice, as distinct samples
     assert 70 <= per_source[1] <= 130  # a seeded half of 200
     # the same directory as a source: the same 40 records, and dedup drops the second copy
-    _, again = prepare(tiny_llama, tmp_path / "runs", {
-        "train": [str(tmp_path / "shards"), str(tmp_path / "shards" / "part-0.jsonl")], "eval_fraction": 0.0})
+    _, again = prepare(
+        tiny_llama,
+        tmp_path / "runs",
+        {"train": [str(tmp_path / "shards"), str(tmp_path / "shards" / "part-0.jsonl")], "eval_fraction": 0.0},
+    )
     assert again.stats["counts"]["duplicate"] == 20
     assert again.stats["splits"]["train"]["samples"] == 40
 
 
 def test_eval_split_is_seeded_disjoint_and_stable(ray_cluster, tiny_llama, tmp_path) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(400)])
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(400)]
+    )
     _, first = prepare(tiny_llama, tmp_path / "runs", {"train": str(data), "eval_fraction": 0.25})
     train, evals = set(by_sample(first)), set(by_sample(first, "eval"))
     assert not train & evals and len(train | evals) == 400
@@ -121,8 +149,12 @@ def test_cache_is_reused_and_keyed_by_what_matters(ray_cluster, tiny_llama, chat
 def test_malformed_records_name_file_and_line(ray_cluster, tiny_llama, tmp_path) -> None:
     bad = tmp_path / "bad.jsonl"
     good = [json.dumps(r) for r in ALPACA[:5]]
-    bad.write_bytes("\n".join([good[0], good[1], '{"instruction": "x", "output": ', good[2],
-                               '{"instruction": "no output"}', good[3]]).encode() + b"\n\xff\xfe broken\n")
+    bad.write_bytes(
+        "\n".join(
+            [good[0], good[1], '{"instruction": "x", "output": ', good[2], '{"instruction": "no output"}', good[3]]
+        ).encode()
+        + b"\n\xff\xfe broken\n"
+    )
     with pytest.raises(DataError, match=r"bad.jsonl:3: not valid JSON"):
         prepare(tiny_llama, tmp_path / "runs", {"train": str(bad)})
     _, prepared = prepare(tiny_llama, tmp_path / "runs", {"train": str(bad), "on_error": "skip", "eval_fraction": 0.0})
@@ -135,9 +167,13 @@ def test_malformed_records_name_file_and_line(ray_cluster, tiny_llama, tmp_path)
 
 
 def test_unknown_role_is_reported_with_its_position(ray_cluster, tiny_llama, tmp_path) -> None:
-    data = write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}])
+    data = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]},
+        ],
+    )
     with pytest.raises(DataError, match=r'chat.jsonl:2: field "messages\[1\].role": unknown role \'bot\''):
         prepare(tiny_llama, tmp_path / "runs", {"train": str(data)})
 
@@ -155,24 +191,55 @@ def test_quality_filters_count_every_reason(ray_cluster, tiny_llama, tmp_path) -
         {"prompt": "long " * 200, "response": "too long overall"},
     ]
     data = write_jsonl(tmp_path / "q.jsonl", records)
-    _, prepared = prepare(tiny_llama, tmp_path / "runs", {
-        "train": str(data), "eval_fraction": 0.0, "max_length": 128, "truncation": "drop",
-        "filters": {"min_reply_chars": 3, "near_dedup": True, "drop_sure_openers": True, "drop_refusals": True}})
+    _, prepared = prepare(
+        tiny_llama,
+        tmp_path / "runs",
+        {
+            "train": str(data),
+            "eval_fraction": 0.0,
+            "max_length": 128,
+            "truncation": "drop",
+            "filters": {"min_reply_chars": 3, "near_dedup": True, "drop_sure_openers": True, "drop_refusals": True},
+        },
+    )
     counts = prepared.stats["counts"]
-    assert {k: counts.get(k) for k in ("duplicate", "near_duplicate", "empty_reply", "short_reply", "placeholder",
-                                       "sure_opener", "refusal", "over_max_length")} == {
-        "duplicate": 1, "near_duplicate": 1, "empty_reply": 1, "short_reply": 1, "placeholder": 1,
-        "sure_opener": 1, "refusal": 1, "over_max_length": 1}
+    assert {
+        k: counts.get(k)
+        for k in (
+            "duplicate",
+            "near_duplicate",
+            "empty_reply",
+            "short_reply",
+            "placeholder",
+            "sure_opener",
+            "refusal",
+            "over_max_length",
+        )
+    } == {
+        "duplicate": 1,
+        "near_duplicate": 1,
+        "empty_reply": 1,
+        "short_reply": 1,
+        "placeholder": 1,
+        "sure_opener": 1,
+        "refusal": 1,
+        "over_max_length": 1,
+    }
     assert prepared.stats["splits"]["train"]["samples"] == 10
 
 
 def test_truncation_that_leaves_nothing_to_train_drops_and_counts(ray_cluster, tiny_llama, tmp_path) -> None:
-    data = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "word " * 300, "response": "the reply"},
-                                             {"prompt": "short prompt", "response": "another reply"}])
+    data = write_jsonl(
+        tmp_path / "t.jsonl",
+        [{"prompt": "word " * 300, "response": "the reply"}, {"prompt": "short prompt", "response": "another reply"}],
+    )
     _, kept_start = prepare(tiny_llama, tmp_path / "runs", {"train": str(data), "eval_fraction": 0.0, "max_length": 64})
     assert kept_start.stats["counts"]["no_trained_tokens"] == 1
-    _, kept_end = prepare(tiny_llama, tmp_path / "runs", {"train": str(data), "eval_fraction": 0.0, "max_length": 64,
-                                                          "truncation": "keep_end"})
+    _, kept_end = prepare(
+        tiny_llama,
+        tmp_path / "runs",
+        {"train": str(data), "eval_fraction": 0.0, "max_length": 64, "truncation": "keep_end"},
+    )
     assert kept_end.stats["counts"]["truncated"] == 1 and kept_end.stats["splits"]["train"]["samples"] == 2
     assert all(len(ids) <= 64 for ids, _ in by_sample(kept_end).values())
 
@@ -192,12 +259,17 @@ def test_real_alpaca_and_dolly(ray_cluster, tiny_llama, tmp_path) -> None:
     alpaca, dolly = SHARED / "data" / "alpaca_5000.json", SHARED / "data" / "dolly_hhrlhf_train_small.jsonl"
     if not alpaca.is_file():
         pytest.skip("../shared/data is not available")
-    _, prepared = prepare(tiny_llama, tmp_path / "runs", {"train": [str(alpaca), str(dolly)], "max_length": 512,
-                                                          "packing": True})
+    _, prepared = prepare(
+        tiny_llama, tmp_path / "runs", {"train": [str(alpaca), str(dolly)], "max_length": 512, "packing": True}
+    )
     counts, splits = prepared.stats["counts"], prepared.stats["splits"]
     assert counts["records"] == 6000
-    assert splits["train"]["samples"] + splits["eval"]["samples"] + sum(
-        v for k, v in counts.items() if k not in ("records", "kept", "truncated")) == 6000
+    assert (
+        splits["train"]["samples"]
+        + splits["eval"]["samples"]
+        + sum(v for k, v in counts.items() if k not in ("records", "kept", "truncated"))
+        == 6000
+    )
     assert 0.04 < splits["eval"]["samples"] / 6000 < 0.06
     assert splits["train"]["fill"] > 0.9
 
@@ -215,9 +287,14 @@ def test_jsonl_chunks_cover_the_file_with_correct_line_numbers(tmp_path) -> None
 
 
 def test_preview_shows_trained_tokens_and_stats(ray_cluster, tiny_llama, chat_data, tmp_path) -> None:
-    spec = write_spec(tmp_path / "job.yaml", {"model": {"path": str(tiny_llama)},
-                                              "data": {"train": str(chat_data["train"]), "packing": True, "max_length": 128},
-                                              "run": {"storage_path": str(tmp_path / "runs")}})
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        {
+            "model": {"path": str(tiny_llama)},
+            "data": {"train": str(chat_data["train"]), "packing": True, "max_length": 128},
+            "run": {"storage_path": str(tmp_path / "runs")},
+        },
+    )
     result = run_cli("data", "preview", str(spec), "-n", "2", env=ray_cluster.env(COLUMNS="160"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("train row") == 2

@@ -28,15 +28,40 @@ def metrics_lines(train_loss: Any, eval_loss: Any, eval_every: int = 5) -> list[
     steps, the final evaluation again at the last step, and the train_loss line."""
     lines = []
     for step in range(1, STEPS + 1):
-        lines.append({"step": step, "time": 1.5 * step, "epoch": step / STEPS, "tokens_per_second": 900 + 5 * step,
-                      "loss": train_loss(step), "grad_norm": 1.0, "num_tokens": 1200.0 * step,
-                      "learning_rate": 1e-3 * min(1.0, step / 4) * (1 - step / (STEPS + 1))})
+        lines.append(
+            {
+                "step": step,
+                "time": 1.5 * step,
+                "epoch": step / STEPS,
+                "tokens_per_second": 900 + 5 * step,
+                "loss": train_loss(step),
+                "grad_norm": 1.0,
+                "num_tokens": 1200.0 * step,
+                "learning_rate": 1e-3 * min(1.0, step / 4) * (1 - step / (STEPS + 1)),
+            }
+        )
         if step % eval_every == 0:
-            lines.append({"step": step, "time": 1.5 * step + 0.2, "epoch": step / STEPS, "tokens_per_second": 880.0,
-                          "eval_loss": eval_loss(step), "eval_runtime": 0.2})
+            lines.append(
+                {
+                    "step": step,
+                    "time": 1.5 * step + 0.2,
+                    "epoch": step / STEPS,
+                    "tokens_per_second": 880.0,
+                    "eval_loss": eval_loss(step),
+                    "eval_runtime": 0.2,
+                }
+            )
     lines.append({"step": STEPS, "time": 61.0, "epoch": 1.0, "tokens_per_second": 870.0, "eval_loss": eval_loss(STEPS)})
-    lines.append({"step": STEPS, "time": 61.0, "epoch": 1.0, "tokens_per_second": 870.0, "train_loss": 1.7,
-                  "train_runtime": 60.0})
+    lines.append(
+        {
+            "step": STEPS,
+            "time": 61.0,
+            "epoch": 1.0,
+            "tokens_per_second": 870.0,
+            "train_loss": 1.7,
+            "train_runtime": 60.0,
+        }
+    )
     return lines
 
 
@@ -44,20 +69,53 @@ HEALTHY = metrics_lines(lambda s: 3.0 * math.exp(-s / 15) + 0.5, lambda s: 3.1 *
 # Train loss keeps falling; eval loss bottoms out at step 20 and then rises.
 OVERFIT = metrics_lines(lambda s: 3.0 * math.exp(-s / 10) + 0.1, lambda s: 1.2 + 0.002 * (s - 20) ** 2)
 
-SUMMARY = {"name": "report-demo", "run_dir": "", "train_loss": 1.2345, "eval_loss": 1.3456, "steps": STEPS,
-           "tokens": 123456, "trained_tokens": 45678, "tokens_per_second": 987.6, "startup_seconds": 30.2,
-           "train_seconds": 60.0, "total_seconds": 95.0, "checkpoint": "/x/checkpoint_000040",
-           "model_dir": "/x/model", "resumed_from_step": 0, "wandb": None, "base_model_dir": "/models/base",
-           "prepared": "/x/prepared/abc", "chat_template": "{{ x }}"}
+SUMMARY = {
+    "name": "report-demo",
+    "run_dir": "",
+    "train_loss": 1.2345,
+    "eval_loss": 1.3456,
+    "steps": STEPS,
+    "tokens": 123456,
+    "trained_tokens": 45678,
+    "tokens_per_second": 987.6,
+    "startup_seconds": 30.2,
+    "train_seconds": 60.0,
+    "total_seconds": 95.0,
+    "checkpoint": "/x/checkpoint_000040",
+    "model_dir": "/x/model",
+    "resumed_from_step": 0,
+    "wandb": None,
+    "base_model_dir": "/models/base",
+    "prepared": "/x/prepared/abc",
+    "chat_template": "{{ x }}",
+}
 EVAL = {
-    "scores": {"base": {"exact_match": 0.0, "contains": 0.25, "rouge_l": 0.1, "stop_rate": 0.5},
-               "tuned": {"exact_match": 0.75, "contains": 0.75, "rouge_l": 0.8, "stop_rate": 1.0}},
-    "rows": [{"prompt": "What is 2 | 3?", "reference": "5", "base": "the the the", "tuned": "5"},
-             {"prompt": "Capital of France?", "reference": "Paris", "base": "Lyon\nmaybe", "tuned": "Paris"}],
-    "loss": {"base": {"loss": 2.3456, "perplexity": math.exp(2.3456), "rows": 16, "tokens": 321,
-                      "tokens_digest": "abc", "shards": 1},
-             "tuned": {"loss": 0.9876, "perplexity": math.exp(0.9876), "rows": 16, "tokens": 321,
-                       "tokens_digest": "abc", "shards": 1}},
+    "scores": {
+        "base": {"exact_match": 0.0, "contains": 0.25, "rouge_l": 0.1, "stop_rate": 0.5},
+        "tuned": {"exact_match": 0.75, "contains": 0.75, "rouge_l": 0.8, "stop_rate": 1.0},
+    },
+    "rows": [
+        {"prompt": "What is 2 | 3?", "reference": "5", "base": "the the the", "tuned": "5"},
+        {"prompt": "Capital of France?", "reference": "Paris", "base": "Lyon\nmaybe", "tuned": "Paris"},
+    ],
+    "loss": {
+        "base": {
+            "loss": 2.3456,
+            "perplexity": math.exp(2.3456),
+            "rows": 16,
+            "tokens": 321,
+            "tokens_digest": "abc",
+            "shards": 1,
+        },
+        "tuned": {
+            "loss": 0.9876,
+            "perplexity": math.exp(0.9876),
+            "rows": 16,
+            "tokens": 321,
+            "tokens_digest": "abc",
+            "shards": 1,
+        },
+    },
 }
 
 
@@ -136,8 +194,16 @@ def test_report_files_hold_the_numbers_and_figures(tmp_path: Path) -> None:
     for text in ("1.2345", "1.3456", "123,456", "45,678", "988 tokens/s", "`/x/model`"):
         assert text in markdown, text
     # eval.json's: held-out loss and perplexity, base vs tuned, generation scores, answers
-    for text in ("2.3456", "0.9876", f"{math.exp(2.3456):.3f}", f"{math.exp(0.9876):.3f}", "75.0%", "100.0%",
-                 "same tokens", "Capital of France?"):
+    for text in (
+        "2.3456",
+        "0.9876",
+        f"{math.exp(2.3456):.3f}",
+        f"{math.exp(0.9876):.3f}",
+        "75.0%",
+        "100.0%",
+        "same tokens",
+        "Capital of France?",
+    ):
         assert text in markdown, text
     assert "What is 2 \\| 3?" in markdown  # a pipe in an answer does not break the table
     assert "Lyon maybe" in markdown  # nor does a newline
@@ -161,7 +227,7 @@ def test_html_is_self_contained_with_valid_images(tmp_path: Path) -> None:
         (tmp_path / f"{index}.png").write_bytes(raw)
         with Image.open(tmp_path / f"{index}.png") as image:
             assert image.size[0] >= 400
-    assert "src=\"http" not in page and "<script" not in page  # opens offline
+    assert 'src="http' not in page and "<script" not in page  # opens offline
     assert "0.9876" in page and "<table>" in page and "What is 2 | 3?" in page
 
 
@@ -190,8 +256,15 @@ def test_not_a_run_directory_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_plot_renders_headless() -> None:
-    data = plot_png({"a": [(1, 2.0), (2, 1.0)], "b": [(1, 2.5)]}, title="t", xlabel="x", ylabel="y",
-                    hlines={"h": 1.5}, shade=(1, 2), log_y=True)
+    data = plot_png(
+        {"a": [(1, 2.0), (2, 1.0)], "b": [(1, 2.5)]},
+        title="t",
+        xlabel="x",
+        ylabel="y",
+        hlines={"h": 1.5},
+        shade=(1, 2),
+        log_y=True,
+    )
     assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
 
 
@@ -217,7 +290,8 @@ def test_report_through_a_filesystem_uri(tmp_path: Path) -> None:
 
 def test_lm_eval_results_are_in_the_report(tmp_path: Path) -> None:
     run = write_run(tmp_path, HEALTHY)
-    (run / "lm_eval.json").write_text(json.dumps({"base": {"tiny_choice": {"acc": 0.25}},
-                                                  "tuned": {"tiny_choice": {"acc": 0.75}}}))
+    (run / "lm_eval.json").write_text(
+        json.dumps({"base": {"tiny_choice": {"acc": 0.25}}, "tuned": {"tiny_choice": {"acc": 0.75}}})
+    )
     markdown = Path(build_report(run).markdown).read_text()
     assert "## lm-evaluation-harness" in markdown and "| tiny_choice | acc | 0.2500 | 0.7500 |" in markdown

@@ -43,7 +43,9 @@ def test_unknown_key_names_field_file_line_and_suggestion(tmp_path: Path) -> Non
 
 def test_unknown_key_inside_a_list_item(tmp_path: Path) -> None:
     path = write(tmp_path / "job.yaml", "model:\n  path: x\ndata:\n  train:\n    - path: a.jsonl\n      wieght: 2\n")
-    with pytest.raises(SpecError, match=r"job.yaml:6: data.train.0.wieght: unknown key 'wieght' \(did you mean 'weight'\?\)"):
+    with pytest.raises(
+        SpecError, match=r"job.yaml:6: data.train.0.wieght: unknown key 'wieght' \(did you mean 'weight'\?\)"
+    ):
         load_spec(path)
 
 
@@ -75,14 +77,24 @@ def test_global_batch_must_divide_into_workers_and_micro_batches() -> None:
     with pytest.raises(SpecError) as error:
         load_spec(data=bad)
     message = str(error.value)
-    for field in ("train.global_batch_size=10", "train.micro_batch_size=4", "scaling.num_workers=2", "global_batch_size=16"):
+    for field in (
+        "train.global_batch_size=10",
+        "train.micro_batch_size=4",
+        "scaling.num_workers=2",
+        "global_batch_size=16",
+    ):
         assert field in message
 
 
 def test_global_batch_is_constant_across_worker_counts() -> None:
     for workers, accumulation in ((1, 8), (2, 4), (4, 2), (8, 1)):
-        spec = load_spec(data={**MINIMAL, "train": {"global_batch_size": 32, "micro_batch_size": 4},
-                               "scaling": {"num_workers": workers}})
+        spec = load_spec(
+            data={
+                **MINIMAL,
+                "train": {"global_batch_size": 32, "micro_batch_size": 4},
+                "scaling": {"num_workers": workers},
+            }
+        )
         assert spec.gradient_accumulation_steps == accumulation
         assert spec.train.micro_batch_size * workers * spec.gradient_accumulation_steps == 32
 
@@ -107,8 +119,15 @@ def test_error_in_profile_names_the_profile(tmp_path: Path) -> None:
 
 def test_dotted_overrides_parse_yaml_values(tmp_path: Path) -> None:
     base = write(tmp_path / "base.yaml", yaml.safe_dump({**MINIMAL, "data": {"train": [{"path": "d.jsonl"}]}}))
-    spec = load_spec(base, overrides=["train.learning_rate=1e-5", "method.lora.target_modules=[q_proj,v_proj]",
-                                      "data.packing=true", "data.train.0.weight=2"])
+    spec = load_spec(
+        base,
+        overrides=[
+            "train.learning_rate=1e-5",
+            "method.lora.target_modules=[q_proj,v_proj]",
+            "data.packing=true",
+            "data.train.0.weight=2",
+        ],
+    )
     assert spec.train.learning_rate == 1e-5
     assert spec.method.lora.target_modules == ["q_proj", "v_proj"]
     assert spec.data.packing is True
@@ -142,8 +161,12 @@ def test_method_combinations_rejected_before_any_worker_starts() -> None:
         load_spec(data={**MINIMAL, "method": {"precision": "fp16"}})
     with pytest.raises(SpecError, match="storage_dtype equal to compute_dtype"):
         load_spec(data={**MINIMAL, "method": {"kind": "qlora", "deepspeed": "zero3"}})
-    ok = load_spec(data={**MINIMAL, "method": {"kind": "qlora", "deepspeed": "zero3",
-                                               "quantization": {"storage_dtype": "bfloat16"}}})
+    ok = load_spec(
+        data={
+            **MINIMAL,
+            "method": {"kind": "qlora", "deepspeed": "zero3", "quantization": {"storage_dtype": "bfloat16"}},
+        }
+    )
     assert ok.method.quantization.storage_dtype == "bfloat16"
     with pytest.raises(SpecError, match="method.deepspeed: must be one of zero2, zero3, zero3-offload"):
         load_spec(data={**MINIMAL, "method": {"deepspeed": "zero4"}})
@@ -161,10 +184,24 @@ def test_secrets_never_appear_in_a_printed_spec(monkeypatch: pytest.MonkeyPatch)
 def test_redaction_by_key_name_spares_ordinary_fields() -> None:
     from rayft.spec.secrets import redact
 
-    redacted = redact({"hf_token": "abc", "api_key": "k", "secret": "s", "max_new_tokens": 64,
-                       "trained_tokens": 5, "nested": {"wandb-api-key": "z"}})
-    assert redacted == {"hf_token": "***", "api_key": "***", "secret": "***", "max_new_tokens": 64,
-                        "trained_tokens": 5, "nested": {"wandb-api-key": "***"}}
+    redacted = redact(
+        {
+            "hf_token": "abc",
+            "api_key": "k",
+            "secret": "s",
+            "max_new_tokens": 64,
+            "trained_tokens": 5,
+            "nested": {"wandb-api-key": "z"},
+        }
+    )
+    assert redacted == {
+        "hf_token": "***",
+        "api_key": "***",
+        "secret": "***",
+        "max_new_tokens": 64,
+        "trained_tokens": 5,
+        "nested": {"wandb-api-key": "***"},
+    }
 
 
 def test_missing_model_path_is_a_spec_error() -> None:

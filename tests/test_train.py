@@ -26,16 +26,25 @@ SECRET = "hf_rayft_test_secret_9876543210"
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[int, Any]:
+def runs(
+    ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[int, Any]:
     from rayft.train.driver import train
 
     storage = tmp_path_factory.mktemp("runs")
     results = {}
     os.environ["HF_TOKEN"] = SECRET  # forwarded to the workers by name; must appear in no file
     for workers in (1, 2):
-        spec = load_spec(data=spec_dict(tiny_llama, chat_data, storage, run={"name": f"workers-{workers}"},
-                                        scaling={"num_workers": workers},
-                                        train={"max_steps": STEPS, "save_every": 3, "learning_rate": 1e-2}))
+        spec = load_spec(
+            data=spec_dict(
+                tiny_llama,
+                chat_data,
+                storage,
+                run={"name": f"workers-{workers}"},
+                scaling={"num_workers": workers},
+                train={"max_steps": STEPS, "save_every": 3, "learning_rate": 1e-2},
+            )
+        )
         lines: list[str] = []
         summary = train(spec, log=lines.append)
         results[workers] = (spec, summary, lines)
@@ -82,8 +91,12 @@ def test_final_model_loads_with_plain_transformers_and_peft(runs: dict[int, Any]
     assert tokenizer.chat_template  # the template the data was rendered with travels with the model
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), model_dir)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 2?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 2?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         base_logits, tuned_logits = base(**ids).logits, tuned(**ids).logits
     assert tuned_logits.shape == base_logits.shape
@@ -104,13 +117,20 @@ def test_checkpoints_kept_by_count_and_metric(runs: dict[int, Any]) -> None:
     assert len(kept) <= spec.run.checkpoints_to_keep
 
 
-def test_too_many_workers_is_a_clear_error_not_a_hang(ray_cluster: Any, tiny_llama: Path,
-                                                      chat_data: dict[str, Path], tmp_path: Path) -> None:
+def test_too_many_workers_is_a_clear_error_not_a_hang(
+    ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path
+) -> None:
     from rayft.train.driver import train
 
-    spec = load_spec(data=spec_dict(tiny_llama, chat_data, tmp_path,
-                                    scaling={"num_workers": 4, "cpus_per_worker": 2},
-                                    train={"global_batch_size": 16}))
+    spec = load_spec(
+        data=spec_dict(
+            tiny_llama,
+            chat_data,
+            tmp_path,
+            scaling={"num_workers": 4, "cpus_per_worker": 2},
+            train={"global_batch_size": 16},
+        )
+    )
     with pytest.raises(ClusterError) as error:
         train(spec, log=lambda _: None)
     message = str(error.value)
@@ -129,10 +149,15 @@ def test_one_wandb_run_per_job_with_metrics_config_and_no_secret(runs: dict[int,
     assert run["config"]["model"]["path"] == str(tiny_llama) and run["config"]["train"]["max_steps"] == STEPS
     steps_with_loss = [row["_step"] for row in run["history"] if "train/loss" in row]
     assert steps_with_loss == list(range(1, STEPS + 1))
-    assert all("train/learning_rate" in row and "train/grad_norm" in row and "train/tokens_per_second" in row
-               for row in run["history"] if "train/loss" in row)
+    assert all(
+        "train/learning_rate" in row and "train/grad_norm" in row and "train/tokens_per_second" in row
+        for row in run["history"]
+        if "train/loss" in row
+    )
     assert any("eval/loss" in row for row in run["history"])
-    assert run["summary"]["final/steps"] == STEPS and run["summary"]["final/eval_loss"] == pytest.approx(summary.eval_loss)
+    assert run["summary"]["final/steps"] == STEPS and run["summary"]["final/eval_loss"] == pytest.approx(
+        summary.eval_loss
+    )
     assert summary.wandb and any(summary.wandb in line or line.startswith("wandb: ") for line in lines)
     for path in run_dir.rglob("*"):
         if path.is_file():

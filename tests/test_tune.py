@@ -21,19 +21,30 @@ SECRET = "hf_rayft_secret_value_0123456789"
 RATES = [1e-2, 1e-6, 3e-3, 1e-7, -1.0]  # -1 is invalid: that trial fails, the sweep goes on
 
 
-def test_sweep_with_asha_failures_resume_tracking_and_best_yaml(ray_cluster: Any, tiny_llama: Path,
-                                                                  chat_data: dict[str, Path], tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "sweep.yaml", spec_dict(
-        tiny_llama, chat_data, tmp_path / "runs", run={"name": "lr-sweep"},
-        train={"max_steps": 8, "save_every": 2},
-        tune={"search_space": {"train.learning_rate": {"grid": RATES}},
-              "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2}}))
+def test_sweep_with_asha_failures_resume_tracking_and_best_yaml(
+    ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path
+) -> None:
+    spec = write_spec(
+        tmp_path / "sweep.yaml",
+        spec_dict(
+            tiny_llama,
+            chat_data,
+            tmp_path / "runs",
+            run={"name": "lr-sweep"},
+            train={"max_steps": 8, "save_every": 2},
+            tune={
+                "search_space": {"train.learning_rate": {"grid": RATES}},
+                "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+            },
+        ),
+    )
     sweep_dir = tmp_path / "runs" / "lr-sweep"
     env = ray_cluster.env(HF_TOKEN=SECRET)
 
     # Start, and kill the driver once the first trial has finished.
-    first = subprocess.Popen([str(BIN / "rayft"), "tune", str(spec)], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [str(BIN / "rayft"), "tune", str(spec)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_for(lambda: list((sweep_dir / "trials").glob("*/summary.json")), timeout=400, every=0.5)
         first.send_signal(signal.SIGKILL)

@@ -17,7 +17,9 @@ def spec(**sections):
     return load_spec(data={**BASE, **sections})
 
 
-@pytest.mark.parametrize("preset, stage, offload", [("zero2", 2, False), ("zero3", 3, False), ("zero3-offload", 3, True)])
+@pytest.mark.parametrize(
+    "preset, stage, offload", [("zero2", 2, False), ("zero3", 3, False), ("zero3-offload", 3, True)]
+)
 def test_deepspeed_presets(preset: str, stage: int, offload: bool) -> None:
     from rayft.train.deepspeed import deepspeed_config
 
@@ -52,9 +54,16 @@ def test_search_space_domains() -> None:
 
     from rayft.tune.space import search_space
 
-    job = spec(tune={"search_space": {"train.learning_rate": {"loguniform": [1e-5, 1e-3]},
-                                      "method.lora.r": {"choice": [8, 16]}, "train.seed": {"randint": [1, 3]},
-                                      "train.epochs": {"grid": [1, 2]}}})
+    job = spec(
+        tune={
+            "search_space": {
+                "train.learning_rate": {"loguniform": [1e-5, 1e-3]},
+                "method.lora.r": {"choice": [8, 16]},
+                "train.seed": {"randint": [1, 3]},
+                "train.epochs": {"grid": [1, 2]},
+            }
+        }
+    )
     space = search_space(job.tune)
     assert isinstance(space["train.learning_rate"], Float) and isinstance(space["method.lora.r"], Categorical)
     assert isinstance(space["train.seed"], Integer) and space["train.seed"].upper == 4  # inclusive bounds
@@ -71,13 +80,25 @@ def test_bad_search_spaces_are_spec_errors() -> None:
     optuna_grid = spec(tune={"search_space": {"train.epochs": {"grid": [1, 2]}}, "search_alg": "optuna"})
     with pytest.raises(SpecError, match="grid values need tune.search_alg=random"):
         search_algorithm(optuna_grid)
-    assert type(search_algorithm(spec(tune={"search_space": {"train.epochs": {"choice": [1, 2]}},
-                                            "search_alg": "optuna"}))).__name__ == "OptunaSearch"
+    assert (
+        type(
+            search_algorithm(spec(tune={"search_space": {"train.epochs": {"choice": [1, 2]}}, "search_alg": "optuna"}))
+        ).__name__
+        == "OptunaSearch"
+    )
     with pytest.raises(SpecError, match="sweeping data.max_length needs grid or choice values"):
         data_variants(spec(tune={"search_space": {"data.max_length": {"randint": [64, 512]}}}))
-    variants = data_variants(spec(tune={"search_space": {"data.max_length": {"grid": [64, 128]},
-                                                         "data.packing": {"choice": [True, False]},
-                                                         "train.learning_rate": {"uniform": [0.1, 0.2]}}}))
+    variants = data_variants(
+        spec(
+            tune={
+                "search_space": {
+                    "data.max_length": {"grid": [64, 128]},
+                    "data.packing": {"choice": [True, False]},
+                    "train.learning_rate": {"uniform": [0.1, 0.2]},
+                }
+            }
+        )
+    )
     assert len(variants) == 4 and {"data.max_length": 64, "data.packing": True} in variants
 
 
@@ -85,10 +106,20 @@ def test_trial_spec_applies_params_and_groups_under_the_sweep() -> None:
     from rayft.tune.space import trial_spec
 
     job = spec(tune={"search_space": {"train.learning_rate": {"grid": [1e-3]}}}, run={"name": "sweep"})
-    trial = trial_spec(job.model_dump(mode="json"), {"train.learning_rate": 0.5, "method.lora.r": 4},
-                       sweep="sweep", trial="trial-1", trial_storage="/s/sweep/trials", prepared="/s/prepared")
+    trial = trial_spec(
+        job.model_dump(mode="json"),
+        {"train.learning_rate": 0.5, "method.lora.r": 4},
+        sweep="sweep",
+        trial="trial-1",
+        trial_storage="/s/sweep/trials",
+        prepared="/s/prepared",
+    )
     assert (trial.train.learning_rate, trial.method.lora.r) == (0.5, 4)
-    assert (trial.run.name, trial.run.storage_path, trial.data.cache_dir) == ("trial-1", "/s/sweep/trials", "/s/prepared")
+    assert (trial.run.name, trial.run.storage_path, trial.data.cache_dir) == (
+        "trial-1",
+        "/s/sweep/trials",
+        "/s/prepared",
+    )
     assert trial.tracking.wandb.group == "sweep" and trial.tune is None and not trial.eval.before_after
 
 
@@ -99,8 +130,10 @@ def test_load_split_streams_parquet_into_one_memory_mapped_local_copy(tmp_path: 
     from rayft.data import prepared as prepare
 
     monkeypatch.setattr(prepare, "LOCAL_CACHE", str(tmp_path / "local"))
-    rows = [{"input_ids": [i, i + 1], "labels": [-100, i + 1], "seq_lengths": [2], "sample_ids": [i], "text": "x"}
-            for i in range(2500)]
+    rows = [
+        {"input_ids": [i, i + 1], "labels": [-100, i + 1], "seq_lengths": [2], "sample_ids": [i], "text": "x"}
+        for i in range(2500)
+    ]
     files = [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
     pq.write_table(pa.Table.from_pylist(rows[:1200]), files[0])
     pq.write_table(pa.Table.from_pylist(rows[1200:]), files[1])

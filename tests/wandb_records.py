@@ -27,8 +27,8 @@ def raw_records(path: Path) -> Iterator[bytes]:
         if room < 7:  # a block's tail too short for a chunk header is padding
             position += room
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        chunk = data[position + 7:position + 7 + length]
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind == FULL:
             yield chunk
@@ -61,8 +61,9 @@ def read_run(path: Path) -> dict[str, Any]:
             for item in record.config.update:
                 run["config"][item.key] = json.loads(item.value_json)
         elif kind == "history":
-            run["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                   for item in record.history.item})
+            run["history"].append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
         elif kind == "summary":
             for item in record.summary.update:
                 run["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)

@@ -24,8 +24,16 @@ from rayft.storage import scheme
 
 # What processes that read or write object storage need, by URI scheme.
 STORAGE_ENV: dict[str, tuple[str, ...]] = {
-    "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-           "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"),
+    "s3": (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_PROFILE",
+    ),
     "gs": ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT"),
 }
 SECRET_STORAGE_SCHEMES = ("s3",)  # those whose credentials KubeRay pods read from the Secret
@@ -85,8 +93,11 @@ def env_names(spec: JobSpec, target: Target) -> list[str]:
 def env_values(spec: JobSpec, target: Target) -> dict[str, str]:
     """What `target` gets from this process's environment (quiet settings are constants)."""
     constants = quiet_env() if "quiet" in GROUPS[target] else {}
-    return {name: constants.get(name) or os.environ[name] for name in env_names(spec, target)
-            if name in constants or name in os.environ}
+    return {
+        name: constants.get(name) or os.environ[name]
+        for name in env_names(spec, target)
+        if name in constants or name in os.environ
+    }
 
 
 def runtime_env(spec: JobSpec, target: Target) -> dict[str, dict[str, str]] | None:

@@ -23,8 +23,7 @@ class SpecError(RayftError):
 class DataError(RayftError):
     """A data record or file that cannot be used. Names file:line and the field."""
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 field: str | None = None):
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None):
         self.file = file
         self.line = line
         self.field = field
@@ -63,8 +62,14 @@ def user_error_in(exc: BaseException) -> RayftError | None:
             if type(current).__module__.startswith("rayft."):
                 return _without_ray_annotations(current)
             wrapped = wrapped or current
-        stack.extend([current.__context__, current.__cause__, getattr(current, "controller_failure", None),
-                      getattr(current, "cause", None)])
+        stack.extend(
+            [
+                current.__context__,
+                current.__cause__,
+                getattr(current, "controller_failure", None),
+                getattr(current, "cause", None),
+            ]
+        )
         stack.extend((getattr(current, "worker_failures", None) or {}).values())
     if wrapped is not None:  # only Ray's subclass was found: keep its first line, not the traceback
         return _without_ray_annotations(DataError(str(wrapped).strip().splitlines()[-1]))

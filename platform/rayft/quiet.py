@@ -8,8 +8,21 @@ import logging
 import os
 import warnings
 
-NOISY_LOGGERS = ("ray.train", "ray.data", "ray.tune", "ray.air", "bitsandbytes", "deepspeed", "accelerate",
-                 "torch.distributed", "datasets", "transformers", "peft", "trl", "filelock")
+NOISY_LOGGERS = (
+    "ray.train",
+    "ray.data",
+    "ray.tune",
+    "ray.air",
+    "bitsandbytes",
+    "deepspeed",
+    "accelerate",
+    "torch.distributed",
+    "datasets",
+    "transformers",
+    "peft",
+    "trl",
+    "filelock",
+)
 
 
 def quiet_env() -> dict[str, str]:

@@ -1,20 +1,20 @@
 """The layout of a job's storage: one home for every file name rayft writes.
 
-    <run.storage_path>/                 storage root (a local/NFS path or s3:// gs://)
-      <run.name>/                       a run directory (RunDir)
-        spec.yaml                       the resolved spec, secrets hidden
-        summary.json                    the run summary (rayft.train.result.RunSummary)
-        metrics.jsonl                   one line per trainer log: step, time, losses, tokens/s
-        eval.json, eval-<ckpt>.json     held-out loss and base-vs-tuned answers
-        lm_eval.json                    lm-evaluation-harness results
-        model/, model-merged/           the trained model (adapter or weights), LoRA merged
-        checkpoint_000040/checkpoint/   Ray Train checkpoints, each holding an HF checkpoint
-        checkpoint_manager_snapshot.json  Ray Train's checkpoint registry (read to resume)
-        samples/                        which samples each step trained on (run.log_samples)
-        wandb/                          W&B run files (offline mode)
-        report/                         report.md, report.html and the plots
-      prepared/<key>/                   prepared data (unless data.cache_dir says elsewhere)
-      .models/<name>-<digest>/          models converted once (GGUF -> safetensors)
+<run.storage_path>/                 storage root (a local/NFS path or s3:// gs://)
+  <run.name>/                       a run directory (RunDir)
+    spec.yaml                       the resolved spec, secrets hidden
+    summary.json                    the run summary (rayft.train.result.RunSummary)
+    metrics.jsonl                   one line per trainer log: step, time, losses, tokens/s
+    eval.json, eval-<ckpt>.json     held-out loss and base-vs-tuned answers
+    lm_eval.json                    lm-evaluation-harness results
+    model/, model-merged/           the trained model (adapter or weights), LoRA merged
+    checkpoint_000040/checkpoint/   Ray Train checkpoints, each holding an HF checkpoint
+    checkpoint_manager_snapshot.json  Ray Train's checkpoint registry (read to resume)
+    samples/                        which samples each step trained on (run.log_samples)
+    wandb/                          W&B run files (offline mode)
+    report/                         report.md, report.html and the plots
+  prepared/<key>/                   prepared data (unless data.cache_dir says elsewhere)
+  .models/<name>-<digest>/          models converted once (GGUF -> safetensors)
 """
 
 from __future__ import annotations

@@ -168,5 +168,8 @@ def list_files(path: str, suffix: str = "") -> list[str]:
     fs, inner = filesystem(path)
     if fs.get_file_info(inner).type != pafs.FileType.Directory:
         return []
-    return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(inner))
-                  if info.type == pafs.FileType.File and info.base_name.endswith(suffix))
+    return sorted(
+        info.base_name
+        for info in fs.get_file_info(pafs.FileSelector(inner))
+        if info.type == pafs.FileType.File and info.base_name.endswith(suffix)
+    )

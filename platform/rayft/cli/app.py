@@ -20,20 +20,27 @@ from rayft.spec import JobSpec, load_spec
 
 silence_libraries()  # before transformers/peft pull in DeepSpeed and bitsandbytes, which warn at import
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Ray-native supervised fine-tuning: one YAML spec, any cluster size.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Ray-native supervised fine-tuning: one YAML spec, any cluster size.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect the data pipeline's output.")
 app.add_typer(data_app, name="data")
 
 SpecArg = typer.Argument(..., exists=False, help="Job spec (YAML).")
 OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. train.learning_rate=1e-4")
 ProfileOpt = typer.Option([], "--profile", "-p", help="Profile YAML overlaid on the spec (repeatable).")
-AddressOpt = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: embedded local Ray.")
+AddressOpt = typer.Option(
+    None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: embedded local Ray."
+)
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show worker logs.")
 
 
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     """Errors a user can act on are printed as one message, not a traceback."""
+
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -44,6 +51,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
             raise typer.Exit(130) from None
+
     return wrapper
 
 
@@ -68,7 +76,9 @@ def _write_report(run_dir: str) -> None:
 
 @app.command()
 @friendly
-def validate(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt) -> None:
+def validate(
+    spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt
+) -> None:
     """Print the fully resolved spec (defaults filled in, secrets hidden) or what is wrong."""
     import yaml
 
@@ -77,16 +87,23 @@ def validate(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg
     job = _load(spec, overrides, profile)
     resolve_source(job.model)  # a missing model path is a spec error too
     console.print(yaml.safe_dump(job.to_dict(), sort_keys=False).rstrip())
-    console.print(f"[green]valid[/]: gradient accumulation {job.gradient_accumulation_steps}, "
-                  f"precision {job.precision}", soft_wrap=True)
+    console.print(
+        f"[green]valid[/]: gradient accumulation {job.gradient_accumulation_steps}, precision {job.precision}",
+        soft_wrap=True,
+    )
 
 
 @app.command()
 @friendly
-def train(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
-          address: Optional[str] = AddressOpt, fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming."),
-          compare: bool = typer.Option(True, "--compare/--no-compare", help="Base vs tuned on held-out prompts at the end."),
-          verbose: bool = VerboseOpt) -> None:
+def train(
+    spec: Path = SpecArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    profile: list[Path] = ProfileOpt,
+    address: Optional[str] = AddressOpt,
+    fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming."),
+    compare: bool = typer.Option(True, "--compare/--no-compare", help="Base vs tuned on held-out prompts at the end."),
+    verbose: bool = VerboseOpt,
+) -> None:
     """Fine-tune as the spec says; resumes a run with the same name unless --fresh."""
     from rayft.cli.views import print_comparison, print_held_out_loss, print_summary
     from rayft.eval.compare import before_after
@@ -109,9 +126,14 @@ def train(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, p
 
 @app.command()
 @friendly
-def tune(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
-         address: Optional[str] = AddressOpt, fresh: bool = typer.Option(False, "--fresh", help="Start the sweep over."),
-         verbose: bool = VerboseOpt) -> None:
+def tune(
+    spec: Path = SpecArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    profile: list[Path] = ProfileOpt,
+    address: Optional[str] = AddressOpt,
+    fresh: bool = typer.Option(False, "--fresh", help="Start the sweep over."),
+    verbose: bool = VerboseOpt,
+) -> None:
     """Sweep the spec's tune.search_space: every trial a multi-worker run; resumes when rerun."""
     from rayft.cli.views import print_sweep
     from rayft.tune.sweep import sweep
@@ -123,9 +145,14 @@ def tune(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, pr
 
 @app.command()
 @friendly
-def prepare(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
-            address: Optional[str] = AddressOpt, force: bool = typer.Option(False, "--force", help="Ignore the cache."),
-            verbose: bool = VerboseOpt) -> None:
+def prepare(
+    spec: Path = SpecArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    profile: list[Path] = ProfileOpt,
+    address: Optional[str] = AddressOpt,
+    force: bool = typer.Option(False, "--force", help="Ignore the cache."),
+    verbose: bool = VerboseOpt,
+) -> None:
     """Run the data pipeline on Ray Data (or reuse its cache) and print its statistics."""
     from rayft.data.prepare import prepare as run_prepare
     from rayft.model import load_tokenizer, materialized_dir
@@ -138,10 +165,14 @@ def prepare(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg,
 
 @data_app.command("preview")
 @friendly
-def data_preview(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
-                 count: int = typer.Option(3, "--count", "-n", help="Examples to show."),
-                 split: str = typer.Option("train", help="train or eval"),
-                 address: Optional[str] = AddressOpt) -> None:
+def data_preview(
+    spec: Path = SpecArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    profile: list[Path] = ProfileOpt,
+    count: int = typer.Option(3, "--count", "-n", help="Examples to show."),
+    split: str = typer.Option("train", help="train or eval"),
+    address: Optional[str] = AddressOpt,
+) -> None:
     """A few processed examples with the trained tokens highlighted, and the data statistics."""
     from rayft.cli.preview import preview
 
@@ -152,9 +183,11 @@ def data_preview(spec: Path = SpecArg, overrides: Optional[list[str]] = Override
 
 @app.command()
 @friendly
-def export(model: Path = typer.Argument(..., help="A run directory, a checkpoint, or a model directory."),
-           out: Path = typer.Option(..., "--out", "-o", help="Where to write the HF directory."),
-           merge: bool = typer.Option(False, "--merge", help="Fold a LoRA adapter into its base (QLoRA: a dequantized base).")) -> None:
+def export(
+    model: Path = typer.Argument(..., help="A run directory, a checkpoint, or a model directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the HF directory."),
+    merge: bool = typer.Option(False, "--merge", help="Fold a LoRA adapter into its base (QLoRA: a dequantized base)."),
+) -> None:
     """Save a trained model as a self-contained Hugging Face directory (safetensors)."""
     from rayft.model.trained import export as run_export
 
@@ -165,12 +198,17 @@ def export(model: Path = typer.Argument(..., help="A run directory, a checkpoint
 
 @app.command()
 @friendly
-def generate(model: Path = typer.Argument(..., help="A run directory, a checkpoint, or a model directory."),
-             prompt: Optional[str] = typer.Argument(None, help="One prompt; or use --file."),
-             file: Optional[Path] = typer.Option(None, "--file", "-f", help="Prompts: .txt (one per line) or .jsonl (prompt/messages)."),
-             max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-             sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
-             temperature: float = typer.Option(0.7), system: Optional[str] = typer.Option(None, help="A system prompt.")) -> None:
+def generate(
+    model: Path = typer.Argument(..., help="A run directory, a checkpoint, or a model directory."),
+    prompt: Optional[str] = typer.Argument(None, help="One prompt; or use --file."),
+    file: Optional[Path] = typer.Option(
+        None, "--file", "-f", help="Prompts: .txt (one per line) or .jsonl (prompt/messages)."
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(0.7),
+    system: Optional[str] = typer.Option(None, help="A system prompt."),
+) -> None:
     """Answer prompts with a trained model, using its chat template."""
     from rayft.cli.chat import prompts_from
     from rayft.eval.generation import generate as run_generate
@@ -178,16 +216,20 @@ def generate(model: Path = typer.Argument(..., help="A run directory, a checkpoi
 
     prompts = prompts_from(prompt, file, system)
     loaded, tokenizer = load_trained(str(model))
-    answers, _ = run_generate(loaded, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=sample,
-                              temperature=temperature)
+    answers, _ = run_generate(
+        loaded, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature
+    )
     for item, answer in zip(prompts, answers):
         console.print(f"[bold]> {item.messages[-1]['content']}[/]\n{answer}\n", soft_wrap=True)
 
 
 @app.command()
 @friendly
-def chat(model: Path = typer.Argument(..., help="A run directory, a checkpoint, or a model directory."),
-         max_new_tokens: int = typer.Option(256, "--max-new-tokens"), system: Optional[str] = typer.Option(None)) -> None:
+def chat(
+    model: Path = typer.Argument(..., help="A run directory, a checkpoint, or a model directory."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    system: Optional[str] = typer.Option(None),
+) -> None:
     """Talk to a trained model. /reset starts over, /exit (or Ctrl-D) leaves."""
     from rayft.cli.chat import chat_loop
     from rayft.model.trained import load_trained
@@ -198,10 +240,18 @@ def chat(model: Path = typer.Argument(..., help="A run directory, a checkpoint, 
 
 @app.command()
 @friendly
-def plan(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
-         tokens: Optional[int] = typer.Option(None, "--tokens", help="Training tokens an epoch; default: the prepared data's."),
-         accelerator: Optional[str] = typer.Option(None, "--accelerator", help="A100-80G, H100-80G, H200, L4, A10G, T4 or cpu."),
-         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+def plan(
+    spec: Path = SpecArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    profile: list[Path] = ProfileOpt,
+    tokens: Optional[int] = typer.Option(
+        None, "--tokens", help="Training tokens an epoch; default: the prepared data's."
+    ),
+    accelerator: Optional[str] = typer.Option(
+        None, "--accelerator", help="A100-80G, H100-80G, H200, L4, A10G, T4 or cpu."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
     """Will the job fit, and how long will it take? From the model's config alone, before renting a GPU."""
     from rayft.cli.plan_view import render
     from rayft.plan import estimate
@@ -215,12 +265,25 @@ def plan(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, pr
 
 @app.command("eval")
 @friendly
-def eval_(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
-          checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A run, checkpoint or model directory to evaluate; default: the spec's finished run."),
-          harness_task: list[str] = typer.Option([], "--harness-task", help="lm-evaluation-harness task to run on base and tuned (repeatable; needs lm-eval)."),
-          harness_include: Optional[Path] = typer.Option(None, "--harness-include", help="A directory of lm-eval task YAML files."),
-          harness_limit: Optional[int] = typer.Option(None, "--harness-limit", help="At most this many examples a harness task."),
-          address: Optional[str] = AddressOpt, verbose: bool = VerboseOpt) -> None:
+def eval_(
+    spec: Path = SpecArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    profile: list[Path] = ProfileOpt,
+    checkpoint: Optional[str] = typer.Option(
+        None, "--checkpoint", help="A run, checkpoint or model directory to evaluate; default: the spec's finished run."
+    ),
+    harness_task: list[str] = typer.Option(
+        [], "--harness-task", help="lm-evaluation-harness task to run on base and tuned (repeatable; needs lm-eval)."
+    ),
+    harness_include: Optional[Path] = typer.Option(
+        None, "--harness-include", help="A directory of lm-eval task YAML files."
+    ),
+    harness_limit: Optional[int] = typer.Option(
+        None, "--harness-limit", help="At most this many examples a harness task."
+    ),
+    address: Optional[str] = AddressOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
     """Base vs tuned on the held-out data: loss, perplexity, answers and their scores; then the report."""
     from rayft.cli.views import print_comparison, print_held_out_loss
     from rayft.eval.compare import evaluate_run
@@ -237,9 +300,13 @@ def eval_(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, p
     if harness_task:
         from rayft.eval.harness import evaluate_run_on_tasks
 
-        results, saved = evaluate_run_on_tasks(plan, harness_task, checkpoint,
-                                               include_path=str(harness_include) if harness_include else None,
-                                               limit=harness_limit)
+        results, saved = evaluate_run_on_tasks(
+            plan,
+            harness_task,
+            checkpoint,
+            include_path=str(harness_include) if harness_include else None,
+            limit=harness_limit,
+        )
         console.print_json(data=results)
         log(f"eval: saved {saved}")
     if checkpoint is None:  # the report describes the run's final model
@@ -248,29 +315,46 @@ def eval_(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, p
 
 @app.command()
 @friendly
-def report(run: str = typer.Argument(..., help="A run directory (<run.storage_path>/<run.name>), local or s3:// gs://.")) -> None:
+def report(
+    run: str = typer.Argument(..., help="A run directory (<run.storage_path>/<run.name>), local or s3:// gs://."),
+) -> None:
     """Rebuild a run's report: <run>/report/report.md, report.html and the PNG plots."""
     _write_report(run)
 
 
-JobAddressOpt = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS",
-                             help="The cluster's job server, e.g. http://HEAD:8265.")
+JobAddressOpt = typer.Option(
+    None, "--address", envvar="RAY_API_SERVER_ADDRESS", help="The cluster's job server, e.g. http://HEAD:8265."
+)
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster's job server.")
 app.add_typer(jobs_app, name="jobs")
 
 
 @app.command()
 @friendly
-def submit(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
-           address: Optional[str] = JobAddressOpt,
-           working_dir: Path = typer.Option(Path("."), "--working-dir", help="What to upload (the repository root)."),
-           wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's output until it ends."),
-           fresh: bool = typer.Option(False, "--fresh", help="Start the run over instead of resuming it.")) -> None:
+def submit(
+    spec: Path = SpecArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    profile: list[Path] = ProfileOpt,
+    address: Optional[str] = JobAddressOpt,
+    working_dir: Path = typer.Option(Path("."), "--working-dir", help="What to upload (the repository root)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's output until it ends."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start the run over instead of resuming it."),
+) -> None:
     """Run the job on a cluster through Ray's job server; the exit code is the job's."""
     from rayft.launch import submit as jobs
 
     job = _load(spec, overrides, profile)
-    job_id, status = jobs.submit(job, spec, overrides=overrides or [], fresh=fresh, profiles=profile, address=address, working_dir=working_dir, follow=wait, log=log)
+    job_id, status = jobs.submit(
+        job,
+        spec,
+        overrides=overrides or [],
+        fresh=fresh,
+        profiles=profile,
+        address=address,
+        working_dir=working_dir,
+        follow=wait,
+        log=log,
+    )
     log(f"job {job_id}: {status}")
     raise typer.Exit(jobs.EXIT_CODES.get(status, 0) if wait else 0)
 
@@ -292,8 +376,11 @@ def jobs_list(address: Optional[str] = JobAddressOpt) -> None:
 
 @jobs_app.command("logs")
 @friendly
-def jobs_logs(job_id: str, address: Optional[str] = JobAddressOpt,
-              follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
+def jobs_logs(
+    job_id: str,
+    address: Optional[str] = JobAddressOpt,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
+) -> None:
     """A job's output."""
     from rayft.launch import submit as jobs
 
@@ -315,17 +402,34 @@ app.add_typer(k8s_app, name="k8s")
 
 @k8s_app.command("render")
 @friendly
-def k8s_render(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt,
-               image: Optional[str] = typer.Option(None, "--image", help="Image built from k8s/Dockerfile; default rayft:VERSION[-gpu]."),
-               namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Default: kubectl's current namespace."),
-               storage: Optional[str] = typer.Option(None, "--storage", help="PVC for a local run.storage_path (default rayft-runs)."),
-               output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the YAML here instead of stdout.")) -> None:
+def k8s_render(
+    spec: Path = SpecArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    profile: list[Path] = ProfileOpt,
+    image: Optional[str] = typer.Option(
+        None, "--image", help="Image built from k8s/Dockerfile; default rayft:VERSION[-gpu]."
+    ),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Default: kubectl's current namespace."),
+    storage: Optional[str] = typer.Option(
+        None, "--storage", help="PVC for a local run.storage_path (default rayft-runs)."
+    ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the YAML here instead of stdout."),
+) -> None:
     """A RayJob and the ConfigMap with its spec, sized by the spec: pipe into `kubectl apply -f -`."""
     from rayft.launch import k8s
 
     job = _load(spec, overrides, profile)
-    text = k8s.to_yaml(k8s.render(job, spec_path=str(spec), image=image, namespace=namespace, storage=storage,
-                                  profiles=[str(p) for p in profile], overrides=overrides or []))
+    text = k8s.to_yaml(
+        k8s.render(
+            job,
+            spec_path=str(spec),
+            image=image,
+            namespace=namespace,
+            storage=storage,
+            profiles=[str(p) for p in profile],
+            overrides=overrides or [],
+        )
+    )
     if output is None:
         sys.stdout.write(text)  # not rich: YAML must reach kubectl unwrapped and unstyled
     else:

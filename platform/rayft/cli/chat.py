@@ -45,7 +45,9 @@ def prompts_from(prompt: str | None, file: Path | None, system: str | None = Non
     return out
 
 
-def chat_loop(model: Any, tokenizer: Any, console: Console, *, max_new_tokens: int = 256, system: str | None = None) -> None:
+def chat_loop(
+    model: Any, tokenizer: Any, console: Console, *, max_new_tokens: int = 256, system: str | None = None
+) -> None:
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     console.print("[dim]chat: /reset to start over, /exit or Ctrl-D to leave[/]")
     while True:

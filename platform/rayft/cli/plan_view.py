@@ -26,8 +26,11 @@ def render(plan: Plan, console: Any) -> None:
     if plan.host_bytes:
         memory.add_row("offloaded", gib(plan.host_bytes), "host RAM per worker, not counted above")
     verdict = "[green]fits[/]" if plan.fits else "[bold red]does not fit[/]"
-    memory.add_row("[bold]total[/]", f"[bold]{gib(plan.total_bytes)}[/]",
-                   f"{verdict} in {gib(plan.capacity_bytes)} ({plan.accelerator}), headroom {gib(plan.headroom_bytes)}")
+    memory.add_row(
+        "[bold]total[/]",
+        f"[bold]{gib(plan.total_bytes)}[/]",
+        f"{verdict} in {gib(plan.capacity_bytes)} ({plan.accelerator}), headroom {gib(plan.headroom_bytes)}",
+    )
     console.print(memory)
     compute = Table(title="compute", title_justify="left", show_header=False)
     compute.add_column(style="bold")
@@ -36,15 +39,27 @@ def render(plan: Plan, console: Any) -> None:
     for key, value in (
         ("method", f"{plan.method}; {plan.workers} worker(s)"),
         ("parameters", f"{plan.params / 1e9:,.3f} B, {plan.trainable_params / 1e6:,.1f} M trainable"),
-        ("FLOPs per token", f"{plan.flops_per_token / 1e9:,.2f} GFLOP (6N + attention), "
-                            f"{plan.executed_flops_per_token / 1e9:,.2f} executed"),
-        ("effective batch", f"{plan.effective_batch} rows (<= {plan.tokens_per_step:,} tokens) a step, "
-                            f"{plan.gradient_accumulation} accumulation step(s)"),
+        (
+            "FLOPs per token",
+            f"{plan.flops_per_token / 1e9:,.2f} GFLOP (6N + attention), "
+            f"{plan.executed_flops_per_token / 1e9:,.2f} executed",
+        ),
+        (
+            "effective batch",
+            f"{plan.effective_batch} rows (<= {plan.tokens_per_step:,} tokens) a step, "
+            f"{plan.gradient_accumulation} accumulation step(s)",
+        ),
         ("tokens per epoch", f"{plan.tokens:,} ({plan.tokens_source})" if plan.tokens else plan.tokens_source),
-        ("optimizer steps", f"{plan.steps_per_epoch:,} an epoch, {plan.total_steps:,} in all"
-                            if plan.steps_per_epoch else "-"),
-        ("time per epoch", f"{hours} at {plan.mfu:.0%} of {plan.peak_tflops * 1000:,.0f} GFLOP/s a worker"
-                           if plan.peak_tflops < 1 else f"{hours} at {plan.mfu:.0%} of {plan.peak_tflops:,.0f} TFLOP/s a worker"),
+        (
+            "optimizer steps",
+            f"{plan.steps_per_epoch:,} an epoch, {plan.total_steps:,} in all" if plan.steps_per_epoch else "-",
+        ),
+        (
+            "time per epoch",
+            f"{hours} at {plan.mfu:.0%} of {plan.peak_tflops * 1000:,.0f} GFLOP/s a worker"
+            if plan.peak_tflops < 1
+            else f"{hours} at {plan.mfu:.0%} of {plan.peak_tflops:,.0f} TFLOP/s a worker",
+        ),
     ):
         compute.add_row(key, value)
     console.print(compute)

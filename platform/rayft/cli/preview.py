@@ -33,8 +33,14 @@ def preview(spec: JobSpec, console: Console, *, count: int = 3, split: str = "tr
         if shown >= count:
             break
     console.rule()
-    console.print(Text("legend: ", style="bold") + Text("trained", style="bold green") + Text("  ")
-                  + Text("context (no loss)", style="dim") + Text("  ") + Text("| sample boundary", style="bold magenta"))
+    console.print(
+        Text("legend: ", style="bold")
+        + Text("trained", style="bold green")
+        + Text("  ")
+        + Text("context (no loss)", style="dim")
+        + Text("  ")
+        + Text("| sample boundary", style="bold magenta")
+    )
     console.print(stats_table(prepared.stats))
 
 
@@ -59,12 +65,20 @@ def stats_table(stats: dict[str, Any]) -> Table:
     table.add_column("train", justify="right")
     table.add_column("eval", justify="right")
     train, evals = stats["splits"]["train"], stats["splits"]["eval"]
-    for label, key in (("samples", "samples"), ("rows", "rows"), ("tokens", "tokens"),
-                       ("trained tokens", "trained_tokens")):
+    for label, key in (
+        ("samples", "samples"),
+        ("rows", "rows"),
+        ("tokens", "tokens"),
+        ("trained tokens", "trained_tokens"),
+    ):
         table.add_row(label, f"{train.get(key, 0):,}", f"{evals.get(key, 0):,}")
-    table.add_row("trained fraction", f"{train.get('trained_fraction', 0):.1%}", f"{evals.get('trained_fraction', 0):.1%}")
+    table.add_row(
+        "trained fraction", f"{train.get('trained_fraction', 0):.1%}", f"{evals.get('trained_fraction', 0):.1%}"
+    )
     for key in ("mean", "p50", "p90", "p99", "max"):
-        table.add_row(f"length {key}", str(train.get("length", {}).get(key, "-")), str(evals.get("length", {}).get(key, "-")))
+        table.add_row(
+            f"length {key}", str(train.get("length", {}).get(key, "-")), str(evals.get("length", {}).get(key, "-"))
+        )
     table.add_row("row fill (packing efficiency)", f"{train.get('fill', 0):.1%}", f"{evals.get('fill', 0):.1%}")
     counts = stats.get("counts", {})
     table.add_row("records read", f"{counts.get('records', 0):,}", "")

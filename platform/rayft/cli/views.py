@@ -26,13 +26,21 @@ def print_summary(summary: RunSummary) -> None:
     table.add_column(style="bold")
     table.add_column()
     rows = [
-        ("train loss", _num(summary.train_loss)), ("eval loss", _num(summary.eval_loss)),
-        ("steps", f"{summary.steps}" + (f" (resumed from {summary.resumed_from_step})" if summary.resumed_from_step else "")),
+        ("train loss", _num(summary.train_loss)),
+        ("eval loss", _num(summary.eval_loss)),
+        (
+            "steps",
+            f"{summary.steps}" + (f" (resumed from {summary.resumed_from_step})" if summary.resumed_from_step else ""),
+        ),
         ("tokens", f"{summary.tokens:,} ({summary.trained_tokens:,} trained)"),
         ("throughput", f"{summary.tokens_per_second:,.0f} tokens/s"),
-        ("wall time", f"{summary.total_seconds:.0f}s = {summary.startup_seconds:.0f}s start-up + "
-                      f"{summary.train_seconds:.0f}s training + {max(summary.total_seconds - summary.startup_seconds - summary.train_seconds, 0):.0f}s saving"),
-        ("checkpoint", summary.checkpoint or "-"), ("model", summary.model_dir or "-"),
+        (
+            "wall time",
+            f"{summary.total_seconds:.0f}s = {summary.startup_seconds:.0f}s start-up + "
+            f"{summary.train_seconds:.0f}s training + {summary.saving_seconds:.0f}s saving",
+        ),
+        ("checkpoint", summary.checkpoint or "-"),
+        ("model", summary.model_dir or "-"),
     ]
     if summary.wandb:
         rows.append(("wandb", summary.wandb))
@@ -49,8 +57,9 @@ def print_comparison(comparison: Comparison, show: int = 12) -> None:
     for label in labels:
         table.add_column(label, max_width=32, overflow="fold")
     for i, prompt in enumerate(comparison.prompts[:show]):
-        table.add_row(prompt.messages[-1]["content"], prompt.reference or "",
-                      *[comparison.answers[label][i] for label in labels])
+        table.add_row(
+            prompt.messages[-1]["content"], prompt.reference or "", *[comparison.answers[label][i] for label in labels]
+        )
     console.print(table)
     scores = Table(title=f"scores on {len(comparison.prompts)} held-out prompts", title_justify="left")
     scores.add_column("metric")
@@ -62,7 +71,9 @@ def print_comparison(comparison: Comparison, show: int = 12) -> None:
 
 
 def print_sweep(result: SweepResult) -> None:
-    table = Table(title=f"sweep {result.name}: {len(result.trials)} trials in {result.seconds:.0f}s", title_justify="left")
+    table = Table(
+        title=f"sweep {result.name}: {len(result.trials)} trials in {result.seconds:.0f}s", title_justify="left"
+    )
     table.add_column("trial", no_wrap=True)
     params = sorted({k for t in result.trials for k in t.params})
     for name in params:
@@ -71,8 +82,14 @@ def print_sweep(result: SweepResult) -> None:
         table.add_column(column, justify="right" if column != "status" else "left", no_wrap=True)
     for trial in sorted(result.trials, key=lambda t: (t.metric is None, t.metric if t.metric is not None else 0)):
         marker = " *" if result.best and trial.name == result.best.name else ""
-        table.add_row(trial.name + marker, *[f"{trial.params.get(k)!r}" for k in params],
-                      "-" if trial.metric is None else f"{trial.metric:.4f}", trial.status, str(trial.iterations), str(trial.steps))
+        table.add_row(
+            trial.name + marker,
+            *[f"{trial.params.get(k)!r}" for k in params],
+            "-" if trial.metric is None else f"{trial.metric:.4f}",
+            trial.status,
+            str(trial.iterations),
+            str(trial.steps),
+        )
     console.print(table)
     for trial in result.trials:
         if trial.error:

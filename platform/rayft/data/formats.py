@@ -14,15 +14,25 @@ from rayft.errors import DataError
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names seen in the wild, mapped to the canonical roles.
 SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user", "gpt": "assistant",
-    "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
-    "model": "assistant", "tool": "tool", "function": "tool", "observation": "tool",
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
 }
 FORMATS = ("alpaca", "prompt_response", "prompt_completion", "messages", "sharegpt", "text")
 
 
 def detect_format(record: dict[str, Any], columns: dict[str, str]) -> str | None:
     """The format a record is in, from the fields it has (after column remapping)."""
+
     def has(name: str) -> bool:
         return columns.get(name, name) in record
 
@@ -42,8 +52,9 @@ def detect_format(record: dict[str, Any], columns: dict[str, str]) -> str | None
     return None
 
 
-def to_sample(record: Any, fmt: str, columns: dict[str, str], system_prompt: str | None,
-              file: str, line: int) -> dict[str, Any]:
+def to_sample(
+    record: Any, fmt: str, columns: dict[str, str], system_prompt: str | None, file: str, line: int
+) -> dict[str, Any]:
     """One record -> {"messages": [...]} or {"text": "..."}; DataError names file:line and field."""
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}", file=file, line=line)
@@ -52,7 +63,10 @@ def to_sample(record: Any, fmt: str, columns: dict[str, str], system_prompt: str
         if not fmt:
             raise DataError(
                 f"cannot tell the format from the fields {sorted(record)[:8]}; set data.format "
-                f"(one of {', '.join(FORMATS)}) or map columns with data.columns", file=file, line=line)
+                f"(one of {', '.join(FORMATS)}) or map columns with data.columns",
+                file=file,
+                line=line,
+            )
     convert = _CONVERTERS.get(fmt)
     if convert is None:
         raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}", file=file, line=line)
@@ -63,8 +77,12 @@ def to_sample(record: Any, fmt: str, columns: dict[str, str], system_prompt: str
         if system_prompt and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system_prompt})
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataError("conversation has no assistant turn to train on", file=file, line=line,
-                            field=columns.get("messages", "messages"))
+            raise DataError(
+                "conversation has no assistant turn to train on",
+                file=file,
+                line=line,
+                field=columns.get("messages", "messages"),
+            )
     return sample
 
 
@@ -114,10 +132,13 @@ def _alpaca(f: _Fields) -> dict[str, Any]:
 
 def _prompt_reply(reply_field: str):
     def convert(f: _Fields) -> dict[str, Any]:
-        messages = [{"role": "user", "content": f.text("prompt")},
-                    {"role": "assistant", "content": f.text(reply_field)}]
+        messages = [
+            {"role": "user", "content": f.text("prompt")},
+            {"role": "assistant", "content": f.text(reply_field)},
+        ]
         system = f.text("system", required=False)
         return {"messages": ([{"role": "system", "content": system}] if system else []) + messages}
+
     return convert
 
 
@@ -145,8 +166,9 @@ def _sharegpt(f: _Fields) -> dict[str, Any]:
         speaker = turn.get("from")
         role = SHAREGPT_ROLES.get(str(speaker).lower()) if speaker is not None else None
         if role is None:
-            raise f.error(f"unknown speaker {speaker!r}; expected one of {', '.join(sorted(SHAREGPT_ROLES))}",
-                          f"{where}.from")
+            raise f.error(
+                f"unknown speaker {speaker!r}; expected one of {', '.join(sorted(SHAREGPT_ROLES))}", f"{where}.from"
+            )
         messages.append({"role": role, "content": _content_text(f, turn.get("value"), f"{where}.value")})
     system = f.text("system", required=False)
     if system and not any(m["role"] == "system" for m in messages):

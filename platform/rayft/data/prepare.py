@@ -23,8 +23,7 @@ from rayft.errors import DataError, user_error_in
 from rayft.spec import JobSpec
 
 
-def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False,
-            log: Callable[[str], None] = print) -> Prepared:
+def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False, log: Callable[[str], None] = print) -> Prepared:
     """Run the pipeline on the current Ray cluster (or reuse its cached result). `tokenizer`
     is the one `rayft.model.load_tokenizer` gives; the pipeline's actors load their own copies
     from the same place."""
@@ -37,14 +36,24 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False,
         return cached
 
     sources = spec.data.train + (spec.data.eval or [])
-    chunks = [chunk for index, group in enumerate(entry.files) for file, path in enumerate(group)
-              for chunk in plan_chunks(index, path, file, sources[index].split)]
+    chunks = [
+        chunk
+        for index, group in enumerate(entry.files)
+        for file, path in enumerate(group)
+        for chunk in plan_chunks(index, path, file, sources[index].split)
+    ]
     n_train = len(spec.data.train)
-    options = [stages.SourceOptions(
-        format=source.format or spec.data.format, columns={**spec.data.columns, **source.columns},
-        weight=source.weight, is_eval=index >= n_train, max_samples=source.max_samples,
-        eval_fraction=0.0 if spec.data.eval else spec.data.eval_fraction)
-        for index, source in enumerate(sources)]
+    options = [
+        stages.SourceOptions(
+            format=source.format or spec.data.format,
+            columns={**spec.data.columns, **source.columns},
+            weight=source.weight,
+            is_eval=index >= n_train,
+            max_samples=source.max_samples,
+            eval_fraction=0.0 if spec.data.eval else spec.data.eval_fraction,
+        )
+        for index, source in enumerate(sources)
+    ]
     ledger = stages.LedgerActor.remote()
     started = time.time()
     log(f"data: preparing {sum(map(len, entry.files))} file(s) in {len(chunks)} read task(s) -> {entry.root}")
@@ -70,8 +79,14 @@ def _remote_args(spec: JobSpec) -> dict[str, Any]:
     return {"runtime_env": env} if env else {}
 
 
-def _pipeline(spec: JobSpec, tokenizer_dir: str, entry: CacheEntry, chunks: list[Any],
-              options: list[stages.SourceOptions], ledger: Any) -> Any:
+def _pipeline(
+    spec: JobSpec,
+    tokenizer_dir: str,
+    entry: CacheEntry,
+    chunks: list[Any],
+    options: list[stages.SourceOptions],
+    ledger: Any,
+) -> Any:
     import ray
 
     context = ray.data.DataContext.get_current()
@@ -85,15 +100,25 @@ def _pipeline(spec: JobSpec, tokenizer_dir: str, entry: CacheEntry, chunks: list
         warnings.simplefilter("ignore")
         dataset = dataset.map_batches(
             stages.bound_encoder(spec, tokenizer_dir, entry.template, ledger),
-            batch_size=512, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+            batch_size=512,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
             # No actor restarts: Ray Data keeps the UDF in the object store, and Ray warns on the
             # terminal that a restart could lose it. A lost encoder fails the prepare instead; it is
             # idempotent and cached only when complete, so rerunning the command is the recovery.
-            num_cpus=1, max_restarts=0, **remote)
+            num_cpus=1,
+            max_restarts=0,
+            **remote,
+        )
     if spec.data.packing:
         # Best-fit packing needs a window of samples; bigger windows pack tighter.
-        dataset = dataset.map_batches(stages.pack_rows, fn_kwargs={"max_length": spec.data.max_length},
-                                      batch_size=8192, batch_format="pyarrow", **remote)
+        dataset = dataset.map_batches(
+            stages.pack_rows,
+            fn_kwargs={"max_length": spec.data.max_length},
+            batch_size=8192,
+            batch_format="pyarrow",
+            **remote,
+        )
     return dataset
 
 
@@ -122,14 +147,22 @@ def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, secon
             totals[split] = {"rows": 0, "samples": 0, "tokens": 0, "trained_tokens": 0}
             continue
         table = pads.dataset(f"{staging_path}/split={split}", filesystem=fs, format="parquet").to_table(
-            columns=["n_tokens", "n_trained", "seq_lengths"])
+            columns=["n_tokens", "n_trained", "seq_lengths"]
+        )
         totals[split] = _length_stats(table, spec.data.max_length)
     if totals["train"]["rows"] == 0:
         raise DataError(f"no training samples left after filtering: {summary['counts']}")
-    stats = {"key": entry.key, "seconds": round(seconds, 2), "counts": summary["counts"],
-             "skipped_examples": summary["errors"], "splits": totals, "files": files,
-             "packing": spec.data.packing, "max_length": spec.data.max_length,
-             "template": entry.template.source if entry.template else None}
+    stats = {
+        "key": entry.key,
+        "seconds": round(seconds, 2),
+        "counts": summary["counts"],
+        "skipped_examples": summary["errors"],
+        "splits": totals,
+        "files": files,
+        "packing": spec.data.packing,
+        "max_length": spec.data.max_length,
+        "template": entry.template.source if entry.template else None,
+    }
     storage.write_text(f"{staging}/{STATS_FILE}", json.dumps(stats, indent=2))
     if staging != entry.root:
         storage.delete_dir(entry.root)  # a forced re-prepare replaces the old result
@@ -142,14 +175,23 @@ def _length_stats(table: Any, max_length: int) -> dict[str, Any]:
 
     tokens = np.asarray(table.column("n_tokens").to_numpy(), dtype=np.int64)
     trained = np.asarray(table.column("n_trained").to_numpy(), dtype=np.int64)
-    lengths = np.concatenate([np.asarray(x, dtype=np.int64) for x in table.column("seq_lengths").to_pylist()]) if len(tokens) else np.zeros(0)
+    lengths = (
+        np.concatenate([np.asarray(x, dtype=np.int64) for x in table.column("seq_lengths").to_pylist()])
+        if len(tokens)
+        else np.zeros(0)
+    )
     percentiles = {f"p{p}": int(np.percentile(lengths, p)) for p in (50, 90, 99)} if len(lengths) else {}
     return {
-        "rows": int(len(tokens)), "samples": int(len(lengths)), "tokens": int(tokens.sum()),
+        "rows": int(len(tokens)),
+        "samples": int(len(lengths)),
+        "tokens": int(tokens.sum()),
         "trained_tokens": int(trained.sum()),
         "trained_fraction": round(float(trained.sum() / max(tokens.sum(), 1)), 4),
-        "length": {"mean": round(float(lengths.mean()), 1) if len(lengths) else 0,
-                   "max": int(lengths.max()) if len(lengths) else 0, **percentiles},
+        "length": {
+            "mean": round(float(lengths.mean()), 1) if len(lengths) else 0,
+            "max": int(lengths.max()) if len(lengths) else 0,
+            **percentiles,
+        },
         "fill": round(float(tokens.sum() / max(len(tokens) * max_length, 1)), 4),
     }
 
@@ -185,9 +227,11 @@ class _Progress:
 def _describe(stats: dict[str, Any]) -> str:
     counts, train, evals = stats["counts"], stats["splits"]["train"], stats["splits"]["eval"]
     dropped = {k: v for k, v in counts.items() if k not in ("records", "kept") and v}
-    lines = [f"data: {counts.get('records', 0):,} records -> {train['samples']:,} train / {evals['samples']:,} eval "
-             f"samples in {stats['seconds']:.1f}s; {train['tokens']:,} train tokens, "
-             f"{train['trained_fraction']:.0%} trained"]
+    lines = [
+        f"data: {counts.get('records', 0):,} records -> {train['samples']:,} train / {evals['samples']:,} eval "
+        f"samples in {stats['seconds']:.1f}s; {train['tokens']:,} train tokens, "
+        f"{train['trained_fraction']:.0%} trained"
+    ]
     if stats["packing"]:
         lines.append(f"data: packed into {train['rows']:,} rows of {stats['max_length']}, {train['fill']:.1%} full")
     if dropped:

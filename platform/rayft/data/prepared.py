@@ -70,8 +70,9 @@ def load_split(prepared: Prepared, split: str) -> Any:
         return None
     # Named by the files themselves (Ray's file names are unique per write; local ones add size
     # and mtime): a re-prepared dataset never reads a stale local copy.
-    identity = [p if storage.is_remote(p) else f"{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}"
-                for p in paths]
+    identity = [
+        p if storage.is_remote(p) else f"{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}" for p in paths
+    ]
     digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
     local = os.path.join(LOCAL_CACHE, f"{digest}-{split}.arrow")
     if not os.path.isfile(local):

@@ -14,10 +14,11 @@ from rayft.spec import FilterSpec
 
 SURE_OPENER = re.compile(r"^\s*(sure|certainly|of course|absolutely|great question)\b[!,.:]", re.IGNORECASE)
 PLACEHOLDER = re.compile(
-    r"lorem ipsum|\[insert [^\]]*\]|\[your [^\]]*\]|<placeholder>|\bTODO:|\{\{\s*\w+\s*\}\}", re.IGNORECASE)
+    r"lorem ipsum|\[insert [^\]]*\]|\[your [^\]]*\]|<placeholder>|\bTODO:|\{\{\s*\w+\s*\}\}", re.IGNORECASE
+)
 REFUSAL = re.compile(
-    r"\bas an ai (language )?model\b|\bI(?:'m| am) (?:sorry|afraid),? but I (?:can(?:no|')t|am unable)",
-    re.IGNORECASE)
+    r"\bas an ai (language )?model\b|\bI(?:'m| am) (?:sorry|afraid),? but I (?:can(?:no|')t|am unable)", re.IGNORECASE
+)
 
 
 def replies(sample: dict[str, Any]) -> list[str]:

@@ -50,8 +50,9 @@ def expand(path: str) -> list[str]:
     if any(ch in path for ch in "*?["):
         files = sorted(f for f in glob.glob(path, recursive=True) if f.endswith(SUFFIXES))
     elif os.path.isdir(path):
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                       for name in names if name.endswith(SUFFIXES))
+        files = sorted(
+            os.path.join(root, name) for root, _, names in os.walk(path) for name in names if name.endswith(SUFFIXES)
+        )
     elif os.path.isfile(path):
         files = [path]
     else:
@@ -71,7 +72,9 @@ def _expand_remote(uri: str) -> list[str]:
     if info.type == pafs.FileType.NotFound:
         raise SpecError(f"no such object: {uri}", field="data")
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted(f"{scheme(uri)}://{e.path}" for e in entries if e.type == pafs.FileType.File and e.path.endswith(SUFFIXES))
+    return sorted(
+        f"{scheme(uri)}://{e.path}" for e in entries if e.type == pafs.FileType.File and e.path.endswith(SUFFIXES)
+    )
 
 
 def fingerprint(path: str) -> str:
@@ -88,8 +91,9 @@ def fingerprint(path: str) -> str:
     return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def plan_chunks(source: int, path: str, file: int = 0, split: str = "train",
-                chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
+def plan_chunks(
+    source: int, path: str, file: int = 0, split: str = "train", chunk_bytes: int = CHUNK_BYTES
+) -> list[Chunk]:
     """Split a local JSONL file into line-aligned byte ranges with their first line numbers."""
     if not path.endswith(".jsonl") or is_remote(path) or os.path.getsize(path) <= chunk_bytes:
         return [Chunk(source, path, file, split=split)]
@@ -112,7 +116,7 @@ def read_chunk(chunk: Chunk) -> Iterator[tuple[int, int, Any]]:
     """(index, line, record) for each record; one that cannot be parsed comes as a DataError."""
     path = chunk.path
     if path.startswith(HUB_PREFIX):
-        yield from _read_hub(path[len(HUB_PREFIX):], chunk.split)
+        yield from _read_hub(path[len(HUB_PREFIX) :], chunk.split)
     elif path.endswith((".jsonl", ".jsonl.gz")):
         yield from _read_jsonl(chunk)
     elif path.endswith(".json"):
@@ -156,8 +160,9 @@ def _parse_json_line(raw: bytes, path: str, line: int) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return DataError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
-                         file=path, line=line)
+        return DataError(
+            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})", file=path, line=line
+        )
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

@@ -31,13 +31,21 @@ from rayft.errors import DataError
 from rayft.model.tokenizer import load_tokenizer
 from rayft.spec import DataSpec
 
-SAMPLES_SCHEMA = pa.schema([("sample_id", pa.int64()), ("split", pa.string()),
-                            ("kind", pa.string()), ("payload", pa.string())])
-TOKENS_SCHEMA = pa.schema([
-    ("split", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-    ("seq_lengths", pa.list_(pa.int32())), ("sample_ids", pa.list_(pa.int64())),
-    ("n_tokens", pa.int32()), ("n_trained", pa.int32()), ("messages", pa.string()),
-])
+SAMPLES_SCHEMA = pa.schema(
+    [("sample_id", pa.int64()), ("split", pa.string()), ("kind", pa.string()), ("payload", pa.string())]
+)
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("split", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("seq_lengths", pa.list_(pa.int32())),
+        ("sample_ids", pa.list_(pa.int64())),
+        ("n_tokens", pa.int32()),
+        ("n_trained", pa.int32()),
+        ("messages", pa.string()),
+    ]
+)
 BLOCK_ROWS = 2048
 MAX_ERRORS_KEPT = 20
 
@@ -46,8 +54,10 @@ def sample_id(source: int, file: int, index: int, copy: int = 0) -> int:
     """Unique and stable per record (and per copy when a source is up-weighted): 7 bits of
     source, 16 of file, 4 of copy and 36 of record index fill a non-negative int64."""
     if source >= 1 << 7 or file >= 1 << 16 or copy >= 1 << 4 or index >= 1 << 36:
-        raise DataError(f"too many sources, files, copies or records for sample ids "
-                        f"(source {source}, file {file}, copy {copy}, record {index})")
+        raise DataError(
+            f"too many sources, files, copies or records for sample ids "
+            f"(source {source}, file {file}, copy {copy}, record {index})"
+        )
     return (source << 56) | (file << 40) | (copy << 36) | index
 
 
@@ -69,7 +79,7 @@ class Ledger:
     def add(self, counts: dict[str, int], errors: tuple[str, ...] | list[str] = ()) -> None:
         self.counts.update(counts)
         room = MAX_ERRORS_KEPT - len(self.errors)
-        self.errors.extend(list(errors)[:max(room, 0)])
+        self.errors.extend(list(errors)[: max(room, 0)])
 
     def summary(self) -> dict[str, Any]:
         return {"counts": dict(self.counts), "errors": list(self.errors)}
@@ -100,13 +110,20 @@ class SampleSource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context: Any = None) -> list[ReadTask]:
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
         tasks = []
         for chunk in self.chunks:
             metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=(chunk.path,), exec_stats=None)
-            tasks.append(ReadTask(lambda c=chunk: self._read(c), metadata, schema=SAMPLES_SCHEMA,
-                                  per_task_row_limit=per_task_row_limit))
+            tasks.append(
+                ReadTask(
+                    lambda c=chunk: self._read(c),
+                    metadata,
+                    schema=SAMPLES_SCHEMA,
+                    per_task_row_limit=per_task_row_limit,
+                )
+            )
         return tasks
 
     def _read(self, chunk: Chunk) -> Iterator[pa.Table]:
@@ -148,8 +165,13 @@ class SampleSource(Datasource):
                 rows, counts, errors = [], Counter(), []
         yield self._block(rows, counts, errors, options)
 
-    def _block(self, rows: list[tuple[tuple[int, int, int], str, str, str]], counts: Counter,
-               errors: list[str], options: SourceOptions) -> pa.Table:
+    def _block(
+        self,
+        rows: list[tuple[tuple[int, int, int], str, str, str]],
+        counts: Counter,
+        errors: list[str],
+        options: SourceOptions,
+    ) -> pa.Table:
         filters = self.data.filters
         if rows and (filters.dedup or filters.near_dedup):
             samples = [json.loads(payload) for _, _, _, payload in rows]
@@ -158,8 +180,9 @@ class SampleSource(Datasource):
                 keep &= ray.get(self.ledger.first_seen.remote([content_hash(s) for s in samples]))
                 counts["duplicate"] += int((~keep).sum())
             if filters.near_dedup:
-                fresh = np.array(ray.get(self.ledger.first_seen.remote(
-                    [content_hash(s, near=True) ^ 0x5A5A for s in samples])))
+                fresh = np.array(
+                    ray.get(self.ledger.first_seen.remote([content_hash(s, near=True) ^ 0x5A5A for s in samples]))
+                )
                 counts["near_duplicate"] += int((keep & ~fresh).sum())
                 keep &= fresh
             rows = [row for row, kept in zip(rows, keep) if kept]
@@ -209,8 +232,9 @@ class Encoder:
         encoded: dict[int, Encoded] = {}
         if chats:
             assert self.template is not None, "conversations are rendered with the job's chat template"
-            chat_out = encode_conversations([samples[i]["messages"] for i in chats], self.template,
-                                            self.tokenizer, self.data.train_on)
+            chat_out = encode_conversations(
+                [samples[i]["messages"] for i in chats], self.template, self.tokenizer, self.data.train_on
+            )
             encoded.update(zip(chats, chat_out))
         if texts:
             encoded.update(zip(texts, encode_texts([samples[i]["text"] for i in texts], self.tokenizer)))
@@ -248,6 +272,7 @@ class Encoder:
 def bound_encoder(spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any) -> type:
     """Encoder with its arguments bound: Ray Data keeps constructor arguments in the object
     store (and warns that actor restarts may lose them); a bound class carries them itself."""
+
     class BoundEncoder(Encoder):
         def __init__(self) -> None:
             super().__init__(spec, model_dir, template, ledger)

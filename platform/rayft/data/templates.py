@@ -34,7 +34,8 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     "llama3": (
         "{{ bos_token }}"
         "{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+        " + '<|eot_id|>' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
@@ -87,9 +88,12 @@ def _compile(source: str) -> jinja2.Template:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationBlocks, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda value, indent=None, **_: __import__("json").dumps(value, indent=indent, ensure_ascii=False)
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlocks, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = lambda value, indent=None, **_: __import__("json").dumps(
+        value, indent=indent, ensure_ascii=False
+    )
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
@@ -106,16 +110,20 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return _compile(self.source).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token, eos_token=self.eos_token, **self.special)
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            **self.special,
+        )
 
     def end_of_turn(self) -> str:
         """Text a rendered reply ends with (e.g. '<|im_end|>\\n'): what the model must learn to emit."""
         probe = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
         prompt = self.render(probe[:1], add_generation_prompt=True)
         full = self.render(probe)
-        reply = full[len(prompt):] if full.startswith(prompt) else ""
-        return reply[reply.find("A") + 1:] if "A" in reply else ""
+        reply = full[len(prompt) :] if full.startswith(prompt) else ""
+        return reply[reply.find("A") + 1 :] if "A" in reply else ""
 
 
 def resolve_template(name: str, tokenizer: Any) -> ChatTemplate:
@@ -127,8 +135,10 @@ def resolve_template(name: str, tokenizer: Any) -> ChatTemplate:
         name = "tokenizer" if own else "plain"
     if name == "tokenizer":
         if not own:
-            raise SpecError("the tokenizer has no chat template; choose one of "
-                            f"{', '.join(BUILTIN_TEMPLATES)} or a .jinja file", field="data.template")
+            raise SpecError(
+                f"the tokenizer has no chat template; choose one of {', '.join(BUILTIN_TEMPLATES)} or a .jinja file",
+                field="data.template",
+            )
         source = own
     elif name in BUILTIN_TEMPLATES:
         source = BUILTIN_TEMPLATES[name]
@@ -138,10 +148,14 @@ def resolve_template(name: str, tokenizer: Any) -> ChatTemplate:
             raise SpecError(f"no such template file: {name}", field="data.template")
         source = path.read_text(encoding="utf-8")
     else:
-        raise SpecError(f"unknown template {name!r}; expected auto, tokenizer, "
-                        f"{', '.join(BUILTIN_TEMPLATES)} or a path to a .jinja file", field="data.template")
+        raise SpecError(
+            f"unknown template {name!r}; expected auto, tokenizer, "
+            f"{', '.join(BUILTIN_TEMPLATES)} or a path to a .jinja file",
+            field="data.template",
+        )
     template = ChatTemplate(
-        name=name, source=source,
+        name=name,
+        source=source,
         bos_token=getattr(tokenizer, "bos_token", None) or "",
         eos_token=getattr(tokenizer, "eos_token", None) or "",
     )
@@ -150,8 +164,11 @@ def resolve_template(name: str, tokenizer: Any) -> ChatTemplate:
 
 
 def _renders_system(template: ChatTemplate) -> bool:
-    probe = [{"role": "system", "content": "SYS-PROBE"}, {"role": "user", "content": "U"},
-             {"role": "assistant", "content": "A"}]
+    probe = [
+        {"role": "system", "content": "SYS-PROBE"},
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "A"},
+    ]
     try:
         return "SYS-PROBE" in template.render(probe)
     except jinja2.TemplateError:
@@ -161,31 +178,45 @@ def _renders_system(template: ChatTemplate) -> bool:
 def check_template(template: ChatTemplate) -> None:
     """Fail early, naming the template, if masking or stopping cannot work with it."""
     where = "data.template"
-    probe = [{"role": "user", "content": "USER-1"}, {"role": "assistant", "content": "REPLY-1"},
-             {"role": "user", "content": "USER-2"}, {"role": "assistant", "content": "REPLY-2"}]
+    probe = [
+        {"role": "user", "content": "USER-1"},
+        {"role": "assistant", "content": "REPLY-1"},
+        {"role": "user", "content": "USER-2"},
+        {"role": "assistant", "content": "REPLY-2"},
+    ]
     try:
         full = template.render(probe)
         prompts = [template.render(probe[:i], add_generation_prompt=True) for i in (1, 3)]
         partial = template.render(probe[:2])
     except jinja2.TemplateError as exc:
-        raise SpecError(f"template {template.name!r} fails to render a user/assistant "
-                        f"conversation: {exc}", field=where) from None
+        raise SpecError(
+            f"template {template.name!r} fails to render a user/assistant conversation: {exc}", field=where
+        ) from None
     for text in ("USER-1", "REPLY-1", "USER-2", "REPLY-2"):
         if text not in full:
-            raise SpecError(f"template {template.name!r} drops message content ({text!r} is missing "
-                            "from the rendered conversation)", field=where)
+            raise SpecError(
+                f"template {template.name!r} drops message content ({text!r} is missing "
+                "from the rendered conversation)",
+                field=where,
+            )
     if not (full.startswith(partial) and partial.startswith(prompts[0]) and full.startswith(prompts[1])):
         raise SpecError(
             f"template {template.name!r} does not render the generation prompt "
             "(add_generation_prompt=True) as a prefix of the conversation, so assistant turns cannot "
-            "be located; it needs an assistant header emitted when add_generation_prompt is set", field=where)
-    reply = partial[len(prompts[0]):]
+            "be located; it needs an assistant header emitted when add_generation_prompt is set",
+            field=where,
+        )
+    reply = partial[len(prompts[0]) :]
     if not reply.lstrip().startswith("REPLY-1"):
         raise SpecError(
-            f"template {template.name!r} renders {reply[:reply.find('REPLY-1')]!r} before a reply that "
+            f"template {template.name!r} renders {reply[: reply.find('REPLY-1')]!r} before a reply that "
             "add_generation_prompt=True does not emit (usually the assistant header), so it would be trained "
-            "as part of the reply; emit it when add_generation_prompt is set", field=where)
+            "as part of the reply; emit it when add_generation_prompt is set",
+            field=where,
+        )
     if not template.end_of_turn().strip():
         raise SpecError(
             f"template {template.name!r} does not close an assistant reply with an end-of-turn "
-            "marker (e.g. eos_token or <|im_end|>), so a tuned model would never learn to stop", field=where)
+            "marker (e.g. eos_token or <|im_end|>), so a tuned model would never learn to stop",
+            field=where,
+        )

@@ -34,12 +34,16 @@ class Encoded:
         return sum(1 for label in self.labels if label != IGNORE)
 
 
-def reply_spans(messages: list[dict[str, str]], template: ChatTemplate, train_on: TrainOn) -> tuple[str, list[tuple[int, int]]]:
+def reply_spans(
+    messages: list[dict[str, str]], template: ChatTemplate, train_on: TrainOn
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the (start, end) character spans to train on."""
     if not template.supports_system and any(m["role"] == "system" for m in messages):
-        raise SpecError(f"template {template.name!r} does not render system messages, but the data has them "
-                        "(or data.system_prompt adds one); choose another template or drop the system turns",
-                        field="data.template")
+        raise SpecError(
+            f"template {template.name!r} does not render system messages, but the data has them "
+            "(or data.system_prompt adds one); choose another template or drop the system turns",
+            field="data.template",
+        )
     text = template.render(messages)
     if train_on == "everything":
         return text, [(0, len(text))]
@@ -51,21 +55,32 @@ def reply_spans(messages: list[dict[str, str]], template: ChatTemplate, train_on
         prompt = template.render(messages[:index], add_generation_prompt=True)
         upto = text if index == len(messages) - 1 else template.render(messages[: index + 1])
         if not (upto.startswith(prompt) and text.startswith(upto)):
-            raise SpecError(f"template {template.name!r} renders this conversation differently when it is cut "
-                            f"after turn {index}, so its assistant turns cannot be located", field="data.template")
+            raise SpecError(
+                f"template {template.name!r} renders this conversation differently when it is cut "
+                f"after turn {index}, so its assistant turns cannot be located",
+                field="data.template",
+            )
         spans.append((len(prompt), len(upto)))
     return text, spans
 
 
-def encode_conversations(conversations: Sequence[list[dict[str, str]]], template: ChatTemplate,
-                         tokenizer: Any, train_on: TrainOn = "all_assistant") -> list[Encoded]:
+def encode_conversations(
+    conversations: Sequence[list[dict[str, str]]],
+    template: ChatTemplate,
+    tokenizer: Any,
+    train_on: TrainOn = "all_assistant",
+) -> list[Encoded]:
     rendered = [reply_spans(messages, template, train_on) for messages in conversations]
     if not getattr(tokenizer, "is_fast", False):
         return [_encode_by_prefixes(text, spans, tokenizer) for text, spans in rendered]
-    batch = tokenizer([text for text, _ in rendered], add_special_tokens=False,
-                      return_offsets_mapping=True, return_attention_mask=False)
+    batch = tokenizer(
+        [text for text, _ in rendered],
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+    )
     out = []
-    for (text, spans), ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"]):
+    for (_, spans), ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"]):
         offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         trained: np.ndarray = np.zeros(len(ids), dtype=bool)
         for start, end in spans:
@@ -77,6 +92,7 @@ def encode_conversations(conversations: Sequence[list[dict[str, str]]], template
 
 def _encode_by_prefixes(text: str, spans: list[tuple[int, int]], tokenizer: Any) -> Encoded:
     """Slow path: token boundaries from tokenizing every span boundary's prefix."""
+
     def count(prefix: str) -> int:
         return len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
 

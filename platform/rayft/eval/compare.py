@@ -36,11 +36,19 @@ class Comparison:
     loss: dict[str, HeldOutLoss] = field(default_factory=dict)  # label -> held-out loss, perplexity
 
     def to_dict(self) -> dict[str, Any]:
-        rows = [{"prompt": p.messages[-1]["content"], "reference": p.reference,
-                 **{label: answers[i] for label, answers in self.answers.items()}}
-                for i, p in enumerate(self.prompts)]
-        return {"scores": self.scores, "rows": rows,
-                "loss": {label: result.to_dict() for label, result in self.loss.items()}}
+        rows = [
+            {
+                "prompt": p.messages[-1]["content"],
+                "reference": p.reference,
+                **{label: answers[i] for label, answers in self.answers.items()},
+            }
+            for i, p in enumerate(self.prompts)
+        ]
+        return {
+            "scores": self.scores,
+            "rows": rows,
+            "loss": {label: result.to_dict() for label, result in self.loss.items()},
+        }
 
 
 # ------------------------------------------------------------------------------ callers
@@ -64,11 +72,12 @@ def evaluate_run(plan: RunPlan, checkpoint: str | None = None) -> tuple[Comparis
 
 
 def run_models(plan: RunPlan, checkpoint: str | None = None) -> dict[str, ModelRef]:
-    """"base" (the spec's model) and "tuned" (the run's final model, or `checkpoint`), where
+    """ "base" (the spec's model) and "tuned" (the run's final model, or `checkpoint`), where
     they are in storage (evaluation tasks may run on other nodes)."""
     source = str(checkpoint) if checkpoint else plan.run_dir.model
-    where, adapter = locate_trained(source, hint="check --checkpoint" if checkpoint else
-                                    "train it first (rayft train) or pass --checkpoint PATH")
+    where, adapter = locate_trained(
+        source, hint="check --checkpoint" if checkpoint else "train it first (rayft train) or pass --checkpoint PATH"
+    )
     # An adapter goes on the spec's base (the model it was trained from), wherever it was trained.
     tuned = (plan.model_dir, where) if adapter else (where, None)
     return {"base": (plan.model_dir, None), "tuned": tuned}
@@ -84,8 +93,10 @@ def locate_trained(source: str, hint: str) -> tuple[str, bool]:
             return candidate, True
         if storage.exists(f"{candidate}/config.json"):
             return candidate, False
-    raise ModelError(f"{source} holds no trained model: expected a run directory (with model/), a checkpoint, "
-                     "or a directory with adapter_config.json or config.json")
+    raise ModelError(
+        f"{source} holds no trained model: expected a run directory (with model/), a checkpoint, "
+        "or a directory with adapter_config.json or config.json"
+    )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -100,20 +111,31 @@ def evaluate_models(plan: RunPlan, models: dict[str, ModelRef]) -> Comparison:
     return comparison
 
 
-def compare(spec: JobSpec, models: dict[str, ModelRef], prompts: list[Prompt],
-            chat_template: str | None, shards: int | None = None) -> Comparison:
+def compare(
+    spec: JobSpec,
+    models: dict[str, ModelRef],
+    prompts: list[Prompt],
+    chat_template: str | None,
+    shards: int | None = None,
+) -> Comparison:
     """Generate with each model on Ray tasks, `shards` tasks per model (default: from the
     number of prompts and the cluster's CPUs or GPUs), then score."""
     import ray
 
-    options = {"max_new_tokens": spec.eval.max_new_tokens, "do_sample": spec.eval.do_sample,
-               "temperature": spec.eval.temperature, "top_p": spec.eval.top_p}
+    options = {
+        "max_new_tokens": spec.eval.max_new_tokens,
+        "do_sample": spec.eval.do_sample,
+        "temperature": spec.eval.temperature,
+        "top_p": spec.eval.top_p,
+    }
     task = ray.remote(**task_options(spec))(_generate_task)
     shards = shards or shard_count(len(prompts), MIN_PROMPTS_PER_SHARD, len(models), spec)
     size = max(1, math.ceil(len(prompts) / shards))
-    pieces = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-    futures = {label: [task.remote(model, spec, chat_template, piece, options) for piece in pieces]
-               for label, model in models.items()}
+    pieces = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+    futures = {
+        label: [task.remote(model, spec, chat_template, piece, options) for piece in pieces]
+        for label, model in models.items()
+    }
     answers, stopped = {}, {}
     for label, refs in futures.items():
         results = ray.get(refs)
@@ -121,13 +143,15 @@ def compare(spec: JobSpec, models: dict[str, ModelRef], prompts: list[Prompt],
         stopped[label] = [s for r in results for s in r[1]]
     comparison = Comparison(prompts, answers, stopped)
     references = [p.reference for p in prompts]
-    comparison.scores = {label: mean_scores(answers[label], references, spec.eval.metrics, stopped[label])
-                         for label in answers}
+    comparison.scores = {
+        label: mean_scores(answers[label], references, spec.eval.metrics, stopped[label]) for label in answers
+    }
     return comparison
 
 
-def _generate_task(model: ModelRef, spec: JobSpec, chat_template: str | None, prompts: list[Prompt],
-                   options: dict[str, Any]) -> tuple[list[str], list[bool]]:
+def _generate_task(
+    model: ModelRef, spec: JobSpec, chat_template: str | None, prompts: list[Prompt], options: dict[str, Any]
+) -> tuple[list[str], list[bool]]:
     loaded, tokenizer = load_on_this_node(model, spec)
     if chat_template and not model[1]:
         tokenizer.chat_template = chat_template  # the base is prompted exactly like the tuned model

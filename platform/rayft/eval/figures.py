@@ -27,9 +27,16 @@ def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def plot_png(series: dict[str, Sequence[Point]], *, title: str, xlabel: str, ylabel: str,
-             hlines: dict[str, float] | None = None, shade: tuple[float, float] | None = None,
-             log_y: bool = False) -> bytes:
+def plot_png(
+    series: dict[str, Sequence[Point]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    hlines: dict[str, float] | None = None,
+    shade: tuple[float, float] | None = None,
+    log_y: bool = False,
+) -> bytes:
     """A line chart as PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -62,16 +69,32 @@ def figures(run: dict[str, Any], found: Curves, flagged: str | None) -> dict[str
     out: dict[str, bytes] = {}
     if found.train or found.eval:
         held_out = (run.get("eval") or {}).get("loss") or {}
-        hlines = {f"held-out loss, {label} model": result["loss"] for label, result in held_out.items()
-                  if label == "base" and finite(result.get("loss"))}
+        hlines = {
+            f"held-out loss, {label} model": result["loss"]
+            for label, result in held_out.items()
+            if label == "base" and finite(result.get("loss"))
+        }
         shade = (found.eval[-OVERFIT_WINDOW][0], found.eval[-1][0]) if flagged else None
-        out["loss.png"] = plot_png({"train loss": found.train, "eval loss": found.eval}, title="Loss",
-                                   xlabel="step", ylabel="cross-entropy (nats/token)", hlines=hlines, shade=shade)
+        out["loss.png"] = plot_png(
+            {"train loss": found.train, "eval loss": found.eval},
+            title="Loss",
+            xlabel="step",
+            ylabel="cross-entropy (nats/token)",
+            hlines=hlines,
+            shade=shade,
+        )
     if found.learning_rate:
-        out["learning_rate.png"] = plot_png({"learning rate": found.learning_rate}, title="Learning-rate schedule",
-                                            xlabel="step", ylabel="learning rate")
+        out["learning_rate.png"] = plot_png(
+            {"learning rate": found.learning_rate},
+            title="Learning-rate schedule",
+            xlabel="step",
+            ylabel="learning rate",
+        )
     if found.throughput or found.interval_throughput:
-        out["throughput.png"] = plot_png({"since the previous log": found.interval_throughput,
-                                          "mean since the start": found.throughput}, title="Throughput",
-                                         xlabel="seconds since training started", ylabel="tokens/s (all workers)")
+        out["throughput.png"] = plot_png(
+            {"since the previous log": found.interval_throughput, "mean since the start": found.throughput},
+            title="Throughput",
+            xlabel="seconds since training started",
+            ylabel="tokens/s (all workers)",
+        )
     return out

@@ -33,9 +33,17 @@ def available() -> bool:
     return True
 
 
-def run_tasks(model_dir: str, tasks: Sequence[str], *, adapter_dir: str | None = None,
-              include_path: str | None = None, limit: int | None = None, num_fewshot: int | None = None,
-              batch_size: int = 4, device: str = "cpu") -> dict[str, dict[str, float]]:
+def run_tasks(
+    model_dir: str,
+    tasks: Sequence[str],
+    *,
+    adapter_dir: str | None = None,
+    include_path: str | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 4,
+    device: str = "cpu",
+) -> dict[str, dict[str, float]]:
     """One model on the harness's tasks -> task -> metric -> value (no bootstrap stderr: it
     costs more than the evaluation of a small task)."""
     if not available():
@@ -53,9 +61,18 @@ def run_tasks(model_dir: str, tasks: Sequence[str], *, adapter_dir: str | None =
     model_args: dict[str, Any] = {"pretrained": model_dir}
     if adapter_dir:
         model_args["peft"] = adapter_dir
-    results = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), task_manager=manager,
-                                      limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, device=device,
-                                      log_samples=False, bootstrap_iters=0)
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=list(tasks),
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        device=device,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
     return {task: _numbers(values) for task, values in results["results"].items()}
 
 
@@ -73,16 +90,21 @@ def _numbers(values: dict[str, Any]) -> dict[str, float]:
 
 def compare_on_tasks(models: dict[str, tuple[str, str | None]], tasks: Sequence[str], **options: Any) -> dict[str, Any]:
     """label -> (model dir, LoRA adapter dir or None) -> label -> task -> metric -> value."""
-    return {label: run_tasks(model_dir, tasks, adapter_dir=adapter, **options)
-            for label, (model_dir, adapter) in models.items()}
+    return {
+        label: run_tasks(model_dir, tasks, adapter_dir=adapter, **options)
+        for label, (model_dir, adapter) in models.items()
+    }
 
 
-def evaluate_run_on_tasks(plan: RunPlan, tasks: Sequence[str], checkpoint: str | None = None,
-                          **options: Any) -> tuple[dict[str, Any], str]:
+def evaluate_run_on_tasks(
+    plan: RunPlan, tasks: Sequence[str], checkpoint: str | None = None, **options: Any
+) -> tuple[dict[str, Any], str]:
     """`rayft eval --harness-task`: base and tuned (as `rayft eval` picks them) on the tasks;
     saved as <run>/lm_eval.json (lm_eval-<checkpoint>.json for a checkpoint)."""
-    models = {label: (_local(model_dir) or model_dir, _local(adapter))
-              for label, (model_dir, adapter) in run_models(plan, checkpoint).items()}
+    models = {
+        label: (_local(model_dir) or model_dir, _local(adapter))
+        for label, (model_dir, adapter) in run_models(plan, checkpoint).items()
+    }
     results = compare_on_tasks(models, tasks, **options)
     out = plan.run_dir.eval_result("lm_eval", checkpoint)
     storage.write_json(out, results)

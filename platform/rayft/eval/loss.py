@@ -73,21 +73,22 @@ def row_losses(model: Any, rows: Sequence[dict[str, Any]], batch_size: int = 4) 
     out: list[RowLoss] = []
     model.eval()
     for start in range(0, len(samples), batch_size):
-        batch = samples[start:start + batch_size]
+        batch = samples[start : start + batch_size]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.zeros((len(batch), width), dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
         for i, (ids, row_labels) in enumerate(batch):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            labels[i, :len(ids)] = torch.tensor(row_labels)
-            attention[i, :len(ids)] = 1
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(ids)] = torch.tensor(row_labels)
+            attention[i, : len(ids)] = 1
         with torch.no_grad():
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         # position t predicts token t+1, as in the models' own causal LM loss
         targets = labels[:, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                                   ignore_index=IGNORE, reduction="none")
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+        )
         sums = losses.double().sum(dim=1).tolist()
         counts = (targets != IGNORE).sum(dim=1).tolist()
         for (ids, row_labels), nll, count in zip(batch, sums, counts):
@@ -100,7 +101,7 @@ def _samples_of(row: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
     lengths = list(row.get("seq_lengths") or [len(ids)])
     pieces, start = [], 0
     for length in lengths:
-        pieces.append((ids[start:start + length], labels[start:start + length]))
+        pieces.append((ids[start : start + length], labels[start : start + length]))
         start += length
     return pieces
 
@@ -110,15 +111,17 @@ def _digest(ids: Sequence[int], labels: Sequence[int]) -> str:
 
 
 # ------------------------------------------------------------------------------- Ray tasks
-def _loss_task(model: ModelRef, spec: JobSpec, prepared: Prepared, start: int, end: int,
-               batch_size: int) -> list[RowLoss]:
+def _loss_task(
+    model: ModelRef, spec: JobSpec, prepared: Prepared, start: int, end: int, batch_size: int
+) -> list[RowLoss]:
     loaded, _ = load_on_this_node(model, spec)
     rows = load_split(prepared, "eval").select(range(start, end))
     return row_losses(loaded, rows, batch_size)
 
 
-def submit_held_out_loss(spec: JobSpec, models: dict[str, ModelRef], prepared: Prepared,
-                         shards: int | None = None) -> dict[str, list[Any]]:
+def submit_held_out_loss(
+    spec: JobSpec, models: dict[str, ModelRef], prepared: Prepared, shards: int | None = None
+) -> dict[str, list[Any]]:
     """Start the loss tasks (label -> (model dir, LoRA adapter dir or None)); returns their
     futures for `collect_held_out_loss`, so generation can run meanwhile."""
     import ray
@@ -130,18 +133,23 @@ def submit_held_out_loss(spec: JobSpec, models: dict[str, ModelRef], prepared: P
     shards = shards or shard_count(rows, MIN_ROWS_PER_SHARD, len(models), spec)
     ranges = shard_ranges(rows, shards, batch_size)
     task = ray.remote(**task_options(spec))(_loss_task)
-    return {label: [task.remote(model, spec, prepared, start, end, batch_size) for start, end in ranges]
-            for label, model in models.items()}
+    return {
+        label: [task.remote(model, spec, prepared, start, end, batch_size) for start, end in ranges]
+        for label, model in models.items()
+    }
 
 
 def collect_held_out_loss(futures: dict[str, list[Any]]) -> dict[str, HeldOutLoss]:
     import ray
 
-    return {label: HeldOutLoss.combine([row for part in ray.get(refs) for row in part], shards=len(refs))
-            for label, refs in futures.items()}
+    return {
+        label: HeldOutLoss.combine([row for part in ray.get(refs) for row in part], shards=len(refs))
+        for label, refs in futures.items()
+    }
 
 
-def held_out_loss(spec: JobSpec, models: dict[str, ModelRef], prepared: Prepared,
-                  shards: int | None = None) -> dict[str, HeldOutLoss]:
+def held_out_loss(
+    spec: JobSpec, models: dict[str, ModelRef], prepared: Prepared, shards: int | None = None
+) -> dict[str, HeldOutLoss]:
     """Eval loss and perplexity of each model on the prepared eval split, on Ray tasks."""
     return collect_held_out_loss(submit_held_out_loss(spec, models, prepared, shards))

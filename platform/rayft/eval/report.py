@@ -31,6 +31,7 @@ from rayft.rundir import HF_CHECKPOINT, RunDir
 OVERFIT_MIN_RISE = 0.01  # relative rise of the eval loss over the window
 SAMPLE_ROWS = 12  # held-out answers shown in the report
 
+
 @dataclass
 class Report:
     markdown: str
@@ -43,17 +44,27 @@ class Report:
 def read_run(run_dir: RunDir) -> dict[str, Any]:
     """The run's files that a report uses; missing ones are None (a run still training has no
     summary, one trained with --no-compare no eval.json)."""
-    found = {"spec": storage.read_text(run_dir.spec), "summary": storage.read_text(run_dir.summary),
-             "metrics": storage.read_text(run_dir.metrics), "eval": storage.read_text(run_dir.eval_result()),
-             "lm_eval": storage.read_text(run_dir.lm_eval)}
+    found = {
+        "spec": storage.read_text(run_dir.spec),
+        "summary": storage.read_text(run_dir.summary),
+        "metrics": storage.read_text(run_dir.metrics),
+        "eval": storage.read_text(run_dir.eval_result()),
+        "lm_eval": storage.read_text(run_dir.lm_eval),
+    }
     if not any(found[name] for name in ("summary", "metrics", "eval")):
-        raise RunNotFound(f"{run_dir.path}: no summary.json, metrics.jsonl or eval.json there; "
-                          "expected a run directory (<run.storage_path>/<run.name>)")
+        raise RunNotFound(
+            f"{run_dir.path}: no summary.json, metrics.jsonl or eval.json there; "
+            "expected a run directory (<run.storage_path>/<run.name>)"
+        )
     lines = found["metrics"]
-    metrics = ([json.loads(line) for line in lines.splitlines() if line.strip()] if lines
-               else _trainer_log_history(run_dir))
-    return {"spec": found["spec"], "metrics": metrics,
-            **{name: json.loads(text) if (text := found[name]) else None for name in ("summary", "eval", "lm_eval")}}
+    metrics = (
+        [json.loads(line) for line in lines.splitlines() if line.strip()] if lines else _trainer_log_history(run_dir)
+    )
+    return {
+        "spec": found["spec"],
+        "metrics": metrics,
+        **{name: json.loads(text) if (text := found[name]) else None for name in ("summary", "eval", "lm_eval")},
+    }
 
 
 def _trainer_log_history(run_dir: RunDir) -> list[dict[str, Any]]:
@@ -93,8 +104,9 @@ def curves(metrics: Sequence[dict[str, Any]]) -> Curves:
 
 
 # ---------------------------------------------------------------------------- overfitting
-def overfitting(train: Sequence[Point], evals: Sequence[Point], window: int = OVERFIT_WINDOW,
-                min_rise: float = OVERFIT_MIN_RISE) -> str | None:
+def overfitting(
+    train: Sequence[Point], evals: Sequence[Point], window: int = OVERFIT_WINDOW, min_rise: float = OVERFIT_MIN_RISE
+) -> str | None:
     """Eval loss rising while train loss falls (the rule in the module docstring); returns
     what was seen, or None."""
     if len(evals) < window:
@@ -111,11 +123,13 @@ def overfitting(train: Sequence[Point], evals: Sequence[Point], window: int = OV
     if not before or not after or _mean(after) >= _mean(before):
         return None
     best_step, best = min(evals, key=lambda point: point[1])
-    return (f"eval loss rose over the last {window} evaluations, {losses[0]:.4f} -> {losses[-1]:.4f} "
-            f"(steps {first_step:g}-{last_step:g}), while the train loss fell ({_mean(before):.4f} -> "
-            f"{_mean(after):.4f}): the model is memorizing the training data. The best eval loss, "
-            f"{best:.4f}, was at step {best_step:g}: prefer that checkpoint, or train fewer steps, "
-            "with a lower learning rate or more data.")
+    return (
+        f"eval loss rose over the last {window} evaluations, {losses[0]:.4f} -> {losses[-1]:.4f} "
+        f"(steps {first_step:g}-{last_step:g}), while the train loss fell ({_mean(before):.4f} -> "
+        f"{_mean(after):.4f}): the model is memorizing the training data. The best eval loss, "
+        f"{best:.4f}, was at step {best_step:g}: prefer that checkpoint, or train fewer steps, "
+        "with a lower learning rate or more data."
+    )
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -140,8 +154,11 @@ def blocks(run_dir: str, run: dict[str, Any], found: Curves, flagged: str | None
     out += _harness_blocks(run.get("lm_eval") or {})
     if images:
         out.append(("h", 2, "Training curves"))
-        captions = {"loss.png": "Train and eval loss", "learning_rate.png": "Learning-rate schedule",
-                    "throughput.png": "Tokens per second over time"}
+        captions = {
+            "loss.png": "Train and eval loss",
+            "learning_rate.png": "Learning-rate schedule",
+            "throughput.png": "Tokens per second over time",
+        }
         out += [("img", image, captions.get(image, image)) for image in images]
     if run.get("spec"):
         out += [("h", 2, "Resolved spec"), ("code", run["spec"].rstrip())]
@@ -150,8 +167,10 @@ def blocks(run_dir: str, run: dict[str, Any], found: Curves, flagged: str | None
 
 def _no_overfitting_note(found: Curves) -> str:
     if len(found.eval) < OVERFIT_WINDOW:
-        return (f"Overfitting: not assessed ({len(found.eval)} evaluation(s); the check needs {OVERFIT_WINDOW}: "
-                "set train.eval_every lower).")
+        return (
+            f"Overfitting: not assessed ({len(found.eval)} evaluation(s); the check needs {OVERFIT_WINDOW}: "
+            "set train.eval_every lower)."
+        )
     best_step, best = min(found.eval, key=lambda point: point[1])
     last_step, last = found.eval[-1]
     note = f"Overfitting: not flagged (eval loss {last:.4f} at the last evaluation, step {last_step:g}"
@@ -161,17 +180,25 @@ def _no_overfitting_note(found: Curves) -> str:
 
 
 def _summary_rows(summary: dict[str, Any]) -> list[list[str]]:
-    rows = [["train loss", _num(summary.get("train_loss"))],
-            ["eval loss (trainer, last evaluation)", _num(summary.get("eval_loss"))],
-            ["steps", f"{summary.get('steps', '-')}"
-             + (f" (resumed from {summary['resumed_from_step']})" if summary.get("resumed_from_step") else "")],
-            ["tokens", f"{summary.get('tokens', 0):,} ({summary.get('trained_tokens', 0):,} trained)"],
-            ["throughput", f"{summary.get('tokens_per_second', 0):,.0f} tokens/s"],
-            ["wall time", f"{summary.get('total_seconds', 0):.0f} s ({summary.get('startup_seconds', 0):.0f} s start-up, "
-                          f"{summary.get('train_seconds', 0):.0f} s training)"],
-            ["base model", f"`{summary.get('base_model_dir') or '-'}`"],
-            ["tuned model", f"`{summary.get('model_dir') or '-'}`"],
-            ["checkpoint", f"`{summary.get('checkpoint') or '-'}`"]]
+    rows = [
+        ["train loss", _num(summary.get("train_loss"))],
+        ["eval loss (trainer, last evaluation)", _num(summary.get("eval_loss"))],
+        [
+            "steps",
+            f"{summary.get('steps', '-')}"
+            + (f" (resumed from {summary['resumed_from_step']})" if summary.get("resumed_from_step") else ""),
+        ],
+        ["tokens", f"{summary.get('tokens', 0):,} ({summary.get('trained_tokens', 0):,} trained)"],
+        ["throughput", f"{summary.get('tokens_per_second', 0):,.0f} tokens/s"],
+        [
+            "wall time",
+            f"{summary.get('total_seconds', 0):.0f} s ({summary.get('startup_seconds', 0):.0f} s start-up, "
+            f"{summary.get('train_seconds', 0):.0f} s training)",
+        ],
+        ["base model", f"`{summary.get('base_model_dir') or '-'}`"],
+        ["tuned model", f"`{summary.get('model_dir') or '-'}`"],
+        ["checkpoint", f"`{summary.get('checkpoint') or '-'}`"],
+    ]
     if summary.get("wandb"):
         rows.append(["wandb", summary["wandb"]])
     return rows
@@ -180,13 +207,19 @@ def _summary_rows(summary: dict[str, Any]) -> list[list[str]]:
 def _held_out_loss_blocks(loss: dict[str, dict[str, Any]]) -> list[Block]:
     if not loss:
         return []
-    rows = [[label, _num(r["loss"]), _num(r["perplexity"], 3), f"{r['rows']:,}", f"{r['tokens']:,}"]
-            for label, r in loss.items()]
-    out: list[Block] = [("h", 2, "Held-out loss and perplexity"),
-                        ("table", ["model", "loss", "perplexity", "rows", "trained tokens"], rows)]
-    notes = ["Token-weighted mean cross-entropy over every trained token of the eval split (labels of -100 "
-             "masked, as in training); perplexity = exp(loss). The trainer's eval loss averages batch means, "
-             "so it can differ a little."]
+    rows = [
+        [label, _num(r["loss"]), _num(r["perplexity"], 3), f"{r['rows']:,}", f"{r['tokens']:,}"]
+        for label, r in loss.items()
+    ]
+    out: list[Block] = [
+        ("h", 2, "Held-out loss and perplexity"),
+        ("table", ["model", "loss", "perplexity", "rows", "trained tokens"], rows),
+    ]
+    notes = [
+        "Token-weighted mean cross-entropy over every trained token of the eval split (labels of -100 "
+        "masked, as in training); perplexity = exp(loss). The trainer's eval loss averages batch means, "
+        "so it can differ a little."
+    ]
     if "base" in loss and "tuned" in loss:
         base, tuned = loss["base"], loss["tuned"]
         if (base["tokens"], base.get("tokens_digest")) == (tuned["tokens"], tuned.get("tokens_digest")):
@@ -194,9 +227,11 @@ def _held_out_loss_blocks(loss: dict[str, dict[str, Any]]) -> list[Block]:
         else:
             notes.append("**Warning: base and tuned were scored on different tokens; they do not compare.**")
         if base["loss"] and finite(base["loss"]) and finite(tuned["loss"]):
-            notes.append(f"Tuned vs base: loss {tuned['loss'] - base['loss']:+.4f} "
-                         f"({(tuned['loss'] - base['loss']) / base['loss']:+.1%}), perplexity "
-                         f"{base['perplexity']:.3f} -> {tuned['perplexity']:.3f}.")
+            notes.append(
+                f"Tuned vs base: loss {tuned['loss'] - base['loss']:+.4f} "
+                f"({(tuned['loss'] - base['loss']) / base['loss']:+.1%}), perplexity "
+                f"{base['perplexity']:.3f} -> {tuned['perplexity']:.3f}."
+            )
     return out + [("p", " ".join(notes))]
 
 
@@ -207,17 +242,33 @@ def _generation_blocks(evaluation: dict[str, Any]) -> list[Block]:
     labels = list(scores)
     metrics = list(dict.fromkeys(m for label in labels for m in scores[label]))
     table = [[metric, *[_percent(scores[label].get(metric)) for label in labels]] for metric in metrics]
-    out: list[Block] = [("h", 2, f"Held-out generation ({len(rows)} prompts)"),
-                        ("table", ["metric", *labels], table),
-                        ("p", "exact_match and contains compare normalized text (lowercase, no punctuation or "
-                              "articles); rouge_l and token_f1 are word-overlap F1 scores; stop_rate is the share "
-                              "of answers that ended on the end-of-turn token by themselves.")]
+    out: list[Block] = [
+        ("h", 2, f"Held-out generation ({len(rows)} prompts)"),
+        ("table", ["metric", *labels], table),
+        (
+            "p",
+            "exact_match and contains compare normalized text (lowercase, no punctuation or "
+            "articles); rouge_l and token_f1 are word-overlap F1 scores; stop_rate is the share "
+            "of answers that ended on the end-of-turn token by themselves.",
+        ),
+    ]
     if rows:
         shown = rows[:SAMPLE_ROWS]
-        out += [("h", 3, f"Answers ({len(shown)} of {len(rows)})"),
-                ("table", ["prompt", "reference", *labels],
-                 [[_clip(r.get("prompt")), _clip(r.get("reference")) or "-",
-                   *[_clip(r.get(label)) or "(empty)" for label in labels]] for r in shown])]
+        out += [
+            ("h", 3, f"Answers ({len(shown)} of {len(rows)})"),
+            (
+                "table",
+                ["prompt", "reference", *labels],
+                [
+                    [
+                        _clip(r.get("prompt")),
+                        _clip(r.get("reference")) or "-",
+                        *[_clip(r.get(label)) or "(empty)" for label in labels],
+                    ]
+                    for r in shown
+                ],
+            ),
+        ]
     return out
 
 
@@ -226,10 +277,14 @@ def _harness_blocks(results: dict[str, Any]) -> list[Block]:
     if not results:
         return []
     labels = list(results)
-    keys = list(dict.fromkeys((task, metric) for label in labels for task, metrics in results[label].items()
-                              for metric in metrics))
-    rows = [[task, metric, *[_num(results[label].get(task, {}).get(metric)) for label in labels]]
-            for task, metric in keys]
+    keys = list(
+        dict.fromkeys(
+            (task, metric) for label in labels for task, metrics in results[label].items() for metric in metrics
+        )
+    )
+    rows = [
+        [task, metric, *[_num(results[label].get(task, {}).get(metric)) for label in labels]] for task, metric in keys
+    ]
     return [("h", 2, "lm-evaluation-harness"), ("table", ["task", "metric", *labels], rows)]
 
 
@@ -243,7 +298,7 @@ def _percent(value: Any) -> str:
 
 def _clip(text: Any, limit: int = 200) -> str:
     text = " ".join(str(text or "").split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -272,7 +327,8 @@ def _cell(text: str) -> str:
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}
+table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}
 th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}pre{background:#f6f6f6;padding:1em;overflow:auto}
 code{background:#f3f3f3;padding:0 3px}figure{margin:0}figcaption{color:#666;font-size:90%}"""
 
@@ -292,13 +348,17 @@ def to_html(content: Sequence[Block], images: dict[str, bytes]) -> str:
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif kind == "img":
             data = base64.b64encode(images[block[1]]).decode("ascii")
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block[2])}">'
-                        f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
+            body.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block[2])}">'
+                f"<figcaption>{html.escape(block[2])}</figcaption></figure>"
+            )
         elif kind == "code":
             body.append(f"<pre>{html.escape(block[1])}</pre>")
     title = html.escape(next((b[2] for b in content if b[0] == "h"), "rayft report"))
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>"
-            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def _inline(text: str) -> str:

@@ -58,8 +58,9 @@ def score(prediction: str, reference: str, metric: str) -> float:
     raise ValueError(f"unknown metric {metric!r}; expected one of {SCORERS}")
 
 
-def mean_scores(answers: Sequence[str], references: Sequence[str | None], metrics: Sequence[str],
-                stopped: Sequence[bool]) -> dict[str, float]:
+def mean_scores(
+    answers: Sequence[str], references: Sequence[str | None], metrics: Sequence[str], stopped: Sequence[bool]
+) -> dict[str, float]:
     pairs = [(a, r) for a, r in zip(answers, references) if r is not None]
     out = {m: sum(score(a, r, m) for a, r in pairs) / len(pairs) for m in metrics} if pairs else {}
     out["stop_rate"] = sum(stopped) / len(stopped) if stopped else 0.0

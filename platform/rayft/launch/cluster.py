@@ -37,15 +37,24 @@ def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int 
             # Ship this rayft to the cluster's workers: what runs there is what was submitted,
             # whether or not the cluster's image has rayft installed.
             package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # rayft/
-            ray.init(address=address, log_to_driver=verbose, runtime_env={"py_modules": [package], **job_env()},
-                     logging_level=logging.ERROR if not verbose else logging.INFO)
+            ray.init(
+                address=address,
+                log_to_driver=verbose,
+                runtime_env={"py_modules": [package], **job_env()},
+                logging_level=logging.ERROR if not verbose else logging.INFO,
+            )
             where = f"Ray cluster at {address}"
         else:
             # With the dashboard: it serves the State API, which Ray Train's placement-group cleaner
             # needs to release a worker group whose controller died (a sweep trial stopped early);
             # without it those CPUs stay reserved and the next trial never starts.
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                     log_to_driver=verbose, logging_level=logging.ERROR if not verbose else logging.INFO)
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count(),
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                log_to_driver=verbose,
+                logging_level=logging.ERROR if not verbose else logging.INFO,
+            )
             where = "embedded local Ray"
     except ConnectionError as exc:
         raise ClusterError(f"cannot connect to Ray at {address}: {exc}") from None

@@ -42,9 +42,11 @@ def client(address: str | None) -> Any:
         raise ClusterError(f"cannot reach the Ray job server at {address}: {exc}") from None
 
 
-def entrypoint(spec_path: Path, overrides: list[str], profiles: list[Path], working_dir: Path,
-               fresh: bool = False) -> str:
+def entrypoint(
+    spec_path: Path, overrides: list[str], profiles: list[Path], working_dir: Path, fresh: bool = False
+) -> str:
     """The command the job runs, with paths relative to the uploaded working directory."""
+
     def inside(path: Path) -> str:
         resolved = path.resolve()
         try:
@@ -67,18 +69,31 @@ def runtime_env(spec: JobSpec, working_dir: Path) -> dict[str, Any]:
     return {"working_dir": str(working_dir), "excludes": base.get("excludes", []), "env_vars": env_vars}
 
 
-def submit(spec: JobSpec, spec_path: Path, *, overrides: list[str], profiles: list[Path], address: str | None,
-           working_dir: Path, fresh: bool = False, follow: bool = True,
-           log: Callable[[str], None] = print) -> tuple[str, str]:
+def submit(
+    spec: JobSpec,
+    spec_path: Path,
+    *,
+    overrides: list[str],
+    profiles: list[Path],
+    address: str | None,
+    working_dir: Path,
+    fresh: bool = False,
+    follow: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[str, str]:
     """Submit; with follow, stream the job's output until it ends. Returns (job id, status)."""
     if not (working_dir / ENTRYPOINT).is_file():
         raise SpecError(f"{working_dir} has no {ENTRYPOINT}: submit from the repository root or pass --working-dir")
     jobs = client(address)
     command = entrypoint(spec_path, overrides, profiles, working_dir, fresh)
-    job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env(spec, working_dir),
-                             metadata={"rayft_run": spec.run_name})
+    job_id = jobs.submit_job(
+        entrypoint=command, runtime_env=runtime_env(spec, working_dir), metadata={"rayft_run": spec.run_name}
+    )
     forwarded = [name for name in spec.run.forward_env if name in os.environ]
-    log(f"submitted {job_id}: {command}" + (f" (passing {', '.join(forwarded)} from this environment)" if forwarded else ""))
+    log(
+        f"submitted {job_id}: {command}"
+        + (f" (passing {', '.join(forwarded)} from this environment)" if forwarded else "")
+    )
     if not follow:
         return job_id, str(jobs.get_job_status(job_id))
     asyncio.run(_follow(jobs, job_id, log))
@@ -99,9 +114,16 @@ def _status(jobs: Any, job_id: str) -> str:
 def list_jobs(address: str | None) -> list[dict[str, Any]]:
     rows = []
     for job in client(address).list_jobs():
-        rows.append({"job": job.submission_id or job.job_id, "status": getattr(job.status, "value", str(job.status)),
-                     "run": (job.metadata or {}).get("rayft_run", ""), "entrypoint": job.entrypoint,
-                     "start": job.start_time, "end": job.end_time})
+        rows.append(
+            {
+                "job": job.submission_id or job.job_id,
+                "status": getattr(job.status, "value", str(job.status)),
+                "run": (job.metadata or {}).get("rayft_run", ""),
+                "entrypoint": job.entrypoint,
+                "start": job.start_time,
+                "end": job.end_time,
+            }
+        )
     return sorted(rows, key=lambda row: row["start"] or 0)
 
 

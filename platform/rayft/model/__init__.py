@@ -5,5 +5,12 @@ from rayft.model.loading import load_model, torch_dtype, weight_dtype
 from rayft.model.source import ModelSource, materialized_dir, resolve_source
 from rayft.model.tokenizer import load_tokenizer
 
-__all__ = ["ModelSource", "load_model", "load_tokenizer", "materialized_dir", "resolve_source", "torch_dtype",
-           "weight_dtype"]
+__all__ = [
+    "ModelSource",
+    "load_model",
+    "load_tokenizer",
+    "materialized_dir",
+    "resolve_source",
+    "torch_dtype",
+    "weight_dtype",
+]

@@ -33,8 +33,12 @@ def load_model(spec: JobSpec, model_dir: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec), "attn_implementation": spec.model.attn_implementation,
-                              "trust_remote_code": spec.model.trust_remote_code, "revision": spec.model.revision}
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(spec),
+        "attn_implementation": spec.model.attn_implementation,
+        "trust_remote_code": spec.model.trust_remote_code,
+        "revision": spec.model.revision,
+    }
     if spec.method.kind == "qlora":
         kwargs["quantization_config"] = bnb_config(spec)
         if not spec.method.deepspeed:
@@ -62,7 +66,9 @@ def bnb_config(spec: JobSpec) -> Any:
 
     q = spec.method.quantization
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
         bnb_4bit_quant_storage=getattr(torch, q.storage_dtype),
     )
@@ -73,9 +79,15 @@ def lora_config(spec: JobSpec) -> Any:
 
     lora = spec.method.lora
     return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        use_dora=lora.use_dora, use_rslora=lora.use_rslora, modules_to_save=lora.modules_to_save or None,
-        bias="none", task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        modules_to_save=lora.modules_to_save or None,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
 
 

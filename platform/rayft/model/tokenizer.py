@@ -17,9 +17,12 @@ def load_tokenizer(spec: JobSpec, model_dir: str | None = None) -> Any:
     else:
         source = ModelSource(model_dir) if model_dir else resolve_source(spec.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, revision=spec.model.revision,
-                                                  trust_remote_code=spec.model.trust_remote_code,
-                                                  **source.load_kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.location,
+            revision=spec.model.revision,
+            trust_remote_code=spec.model.trust_remote_code,
+            **source.load_kwargs(),
+        )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the tokenizer from {source.location}: {exc}") from None
     return with_pad_token(tokenizer)

@@ -45,8 +45,10 @@ def resolve_trained(path: str | Path) -> Trained:
             return Trained(str(candidate), True, _run_spec(candidate))
         if (candidate / "config.json").is_file():
             return Trained(str(candidate), False, _run_spec(candidate))
-    raise ModelError(f"{path} holds no trained model: expected a run directory (with model/), a checkpoint, "
-                     "or a directory with adapter_config.json or config.json")
+    raise ModelError(
+        f"{path} holds no trained model: expected a run directory (with model/), a checkpoint, "
+        "or a directory with adapter_config.json or config.json"
+    )
 
 
 def _run_spec(model_dir: Path) -> JobSpec | None:
@@ -71,9 +73,13 @@ def load_base(spec: JobSpec | None, base_dir: str) -> Any:
     trust = bool(spec and spec.model.trust_remote_code)
     if spec is not None and spec.method.kind == "qlora":
         compute = getattr(torch, spec.method.quantization.compute_dtype)
-        quantized = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb_config(spec),
-                                                         device_map={"": "cpu"}, dtype=compute,
-                                                         trust_remote_code=trust)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            base_dir,
+            quantization_config=bnb_config(spec),
+            device_map={"": "cpu"},
+            dtype=compute,
+            trust_remote_code=trust,
+        )
         disable_avx512_repack(quantized)
         return quantized.dequantize().to(compute)
     dtype = getattr(torch, weight_dtype(spec)) if spec is not None else "auto"
@@ -113,8 +119,14 @@ def merge_adapter(adapter_dir: str, out_dir: str, spec: JobSpec | None = None) -
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
-    _write_provenance(out_dir, {"merged_from": os.path.abspath(adapter_dir), "base": adapter_base(adapter_dir),
-                                "method": spec.method.kind if spec else "lora"})
+    _write_provenance(
+        out_dir,
+        {
+            "merged_from": os.path.abspath(adapter_dir),
+            "base": adapter_base(adapter_dir),
+            "method": spec.method.kind if spec else "lora",
+        },
+    )
     return out_dir
 
 
@@ -127,8 +139,12 @@ def export(path: str | Path, out_dir: str | Path, *, merge: bool) -> Trained:
     if merge and trained.adapter:
         merge_adapter(trained.model_dir, out_dir, trained.spec)
         return Trained(out_dir, False, trained.spec)
-    shutil.copytree(trained.model_dir, out_dir, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "rng_state*", "training_args.bin"))
+    shutil.copytree(
+        trained.model_dir,
+        out_dir,
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "rng_state*", "training_args.bin"),
+    )
     _write_provenance(out_dir, {"copied_from": os.path.abspath(trained.model_dir), "adapter": trained.adapter})
     return Trained(out_dir, trained.adapter, trained.spec)
 

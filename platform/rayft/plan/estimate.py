@@ -75,9 +75,16 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------- estimate
-def estimate(spec: JobSpec, tokens: int | None = None, accelerator: str | None = None, *,
-             memory_gib: float | None = None, shape: ModelShape | None = None,
-             peft_fp32_upcast: bool = False, suggest: bool = True) -> Plan:
+def estimate(
+    spec: JobSpec,
+    tokens: int | None = None,
+    accelerator: str | None = None,
+    *,
+    memory_gib: float | None = None,
+    shape: ModelShape | None = None,
+    peft_fp32_upcast: bool = False,
+    suggest: bool = True,
+) -> Plan:
     """Per-worker peak memory, FLOPs and time for `spec`, and what would make it fit.
 
     tokens: training tokens per epoch (None: the prepared data's count, if `rayft prepare` ran).
@@ -89,36 +96,64 @@ def estimate(spec: JobSpec, tokens: int | None = None, accelerator: str | None =
     """
     shape = shape or model_shape(spec)
     name = accelerator or spec.scaling.accelerator_type or ("A100-80G" if spec.scaling.use_gpu else "cpu")
-    device = find_accelerator(name, field="--accelerator" if accelerator else "scaling.accelerator_type",
-                              memory_gib=memory_gib, workers=spec.scaling.num_workers,
-                              cpus_per_worker=spec.scaling.cpus_per_worker)
+    device = find_accelerator(
+        name,
+        field="--accelerator" if accelerator else "scaling.accelerator_type",
+        memory_gib=memory_gib,
+        workers=spec.scaling.num_workers,
+        cpus_per_worker=spec.scaling.cpus_per_worker,
+    )
     used, why, host = memory(spec, shape, device, peft_fp32_upcast)
     peak = sum(used.values())
     margin, runtime = int(peak * ALLOCATOR_MARGIN[device.kind]), RUNTIME_BYTES[device.kind]
     total = peak + margin + runtime + (host if device.kind == "cpu" else 0)  # on CPU "offloaded" is the same RAM
     capacity = int(device.memory_gib * GiB)
     notes = _notes(spec, shape, device, peft_fp32_upcast)
-    plan = Plan(model=f"{shape.name} ({shape.source})", params=shape.params, trainable_params=trainable_params(spec, shape),
-                method=_method_label(spec), workers=spec.scaling.num_workers, accelerator=device.name,
-                memory=used, why=why, peak_bytes=peak, margin_bytes=margin, runtime_bytes=runtime,
-                total_bytes=total, capacity_bytes=capacity, fits=total <= capacity, headroom_bytes=capacity - total,
-                host_bytes=host, notes=notes, **_throughput(spec, shape, device, tokens, notes))
+    plan = Plan(
+        model=f"{shape.name} ({shape.source})",
+        params=shape.params,
+        trainable_params=trainable_params(spec, shape),
+        method=_method_label(spec),
+        workers=spec.scaling.num_workers,
+        accelerator=device.name,
+        memory=used,
+        why=why,
+        peak_bytes=peak,
+        margin_bytes=margin,
+        runtime_bytes=runtime,
+        total_bytes=total,
+        capacity_bytes=capacity,
+        fits=total <= capacity,
+        headroom_bytes=capacity - total,
+        host_bytes=host,
+        notes=notes,
+        **_throughput(spec, shape, device, tokens, notes),
+    )
     if suggest and not plan.fits:
+
         def replan(overrides: list[str]) -> Plan | None:
             try:
                 changed = load_spec(data=spec.to_dict(redacted=False), overrides=overrides)
             except SpecError:  # a combination the spec refuses (e.g. QLoRA with ZeRO-3 offload)
                 return None
-            return estimate(changed, tokens=0, shape=shape, accelerator=device.name, memory_gib=device.memory_gib,
-                            peft_fp32_upcast=peft_fp32_upcast, suggest=False)
+            return estimate(
+                changed,
+                tokens=0,
+                shape=shape,
+                accelerator=device.name,
+                memory_gib=device.memory_gib,
+                peft_fp32_upcast=peft_fp32_upcast,
+                suggest=False,
+            )
 
         plan.suggestions = suggestions(spec, device, replan)
     return plan
 
 
 # -------------------------------------------------------------------------------- throughput
-def _throughput(spec: JobSpec, shape: ModelShape, device: Accelerator, tokens: int | None,
-                notes: list[str]) -> dict[str, Any]:
+def _throughput(
+    spec: JobSpec, shape: ModelShape, device: Accelerator, tokens: int | None, notes: list[str]
+) -> dict[str, Any]:
     N, L, h = shape.matmul_params, shape.layers, shape.heads * shape.head_size
     attention = 2 * L * h * spec.data.max_length  # causal QK^T and AV: half of 4*h*s a layer
     forward = 2 * N + attention
@@ -139,11 +174,20 @@ def _throughput(spec: JobSpec, shape: ModelShape, device: Accelerator, tokens: i
         steps = spec.step_plan(rows)  # the trainer's own step count
         per_epoch, total = steps.steps_per_epoch, steps.total_steps
         seconds = tokens * executed / (spec.scaling.num_workers * peak * 1e12 * MFU[device.kind])
-    return dict(flops_per_token=float(3 * forward), executed_flops_per_token=float(executed), peak_tflops=peak,
-                mfu=MFU[device.kind], effective_batch=spec.train.global_batch_size,
-                tokens_per_step=spec.train.global_batch_size * spec.data.max_length,
-                gradient_accumulation=spec.gradient_accumulation_steps, tokens=tokens, tokens_source=source,
-                steps_per_epoch=per_epoch, total_steps=total, seconds_per_epoch=seconds)
+    return dict(
+        flops_per_token=float(3 * forward),
+        executed_flops_per_token=float(executed),
+        peak_tflops=peak,
+        mfu=MFU[device.kind],
+        effective_batch=spec.train.global_batch_size,
+        tokens_per_step=spec.train.global_batch_size * spec.data.max_length,
+        gradient_accumulation=spec.gradient_accumulation_steps,
+        tokens=tokens,
+        tokens_source=source,
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        seconds_per_epoch=seconds,
+    )
 
 
 def prepared_stats(spec: JobSpec) -> dict[str, int] | None:
@@ -165,29 +209,37 @@ def prepared_stats(spec: JobSpec) -> dict[str, int] | None:
 # ----------------------------------------------------------------------------- description
 def _method_label(spec: JobSpec) -> str:
     m = spec.method
-    parts = [m.kind + (f" r={m.lora.r}" if m.kind != "full" else ""), spec.precision, m.deepspeed or "",
-             "gradient checkpointing" if m.gradient_checkpointing else "", spec.model.attn_implementation]
+    parts = [
+        m.kind + (f" r={m.lora.r}" if m.kind != "full" else ""),
+        spec.precision,
+        m.deepspeed or "",
+        "gradient checkpointing" if m.gradient_checkpointing else "",
+        spec.model.attn_implementation,
+    ]
     micro = f"; micro-batch {spec.train.micro_batch_size} x {spec.data.max_length} tokens"
     return ", ".join(p for p in parts if p) + micro
 
 
 def _notes(spec: JobSpec, shape: ModelShape, device: Accelerator, peft_fp32_upcast: bool) -> list[str]:
     kind = device.kind
-    notes = [f"margin: {ALLOCATOR_MARGIN[kind]:.0%} of the tensors for allocator fragmentation; runtime: "
-             f"{RUNTIME_BYTES[kind] / GiB:.1f} GiB ("
-             + ("CUDA context, NCCL/cuBLAS workspaces)" if kind == "gpu" else "Python, torch, transformers, Ray)"),
-             f"time: {MFU[kind]:.0%} of peak FLOP/s assumed, no communication stalls, rows as long as data.max_length"]
+    notes = [
+        f"margin: {ALLOCATOR_MARGIN[kind]:.0%} of the tensors for allocator fragmentation; runtime: "
+        f"{RUNTIME_BYTES[kind] / GiB:.1f} GiB ("
+        + ("CUDA context, NCCL/cuBLAS workspaces)" if kind == "gpu" else "Python, torch, transformers, Ray)"),
+        f"time: {MFU[kind]:.0%} of peak FLOP/s assumed, no communication stalls, rows as long as data.max_length",
+    ]
     if spec.train.optimizer not in OPTIMIZER_STATE_BYTES:
         notes.append(f"optimizer {spec.train.optimizer!r} is not in the table: counted as AdamW (8 bytes a parameter)")
     if spec.method.kind != "full" and spec.method.lora.use_dora:
         notes.append("DoRA: only its magnitude vectors are counted, not its extra activations")
     if spec.method.kind == "qlora" and peft_fp32_upcast and spec.model.dtype == "auto" and not spec.method.deepspeed:
         extra = (shape.params - shape.layers * shape.layer_linear_params) * 2
-        notes.append(f"QLoRA: PEFT's prepare_model_for_kbit_training upcasts embeddings, head and norms to fp32 "
-                     f"(+{extra / GiB:.2f} GiB), and with them the hidden states between layers")
+        notes.append(
+            f"QLoRA: PEFT's prepare_model_for_kbit_training upcasts embeddings, head and norms to fp32 "
+            f"(+{extra / GiB:.2f} GiB), and with them the hidden states between layers"
+        )
     if device.name == "T4" and spec.precision == "bf16":
         notes.append("T4 has no bf16 arithmetic: use method.precision=fp16")
     if kind == "cpu":
         notes.append(f"cpu: {device.memory_gib:.1f} GiB RAM per worker (this machine's RAM / workers unless given)")
     return notes
-

@@ -14,7 +14,7 @@ from rayft.model.loading import weight_dtype
 from rayft.plan.shapes import LINEAR_NAMES, Accelerator, ModelShape
 from rayft.spec import JobSpec
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 # ----------------------------------------------------------------------------- assumptions
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -24,9 +24,22 @@ NF4_BYTES = 0.5
 NF4_CONSTANT_BYTES = {True: 1 / 64 + 4 / (64 * 256), False: 4 / 64}
 # Optimizer state bytes per trainable parameter (fp32 states). Unknown names count as AdamW.
 OPTIMIZER_STATE_BYTES = {
-    "adamw_torch": 8, "adamw_torch_fused": 8, "adamw_hf": 8, "adamw_apex_fused": 8, "paged_adamw_32bit": 8,
-    "adamw_bnb_8bit": 2, "adamw_8bit": 2, "paged_adamw_8bit": 2, "lion_32bit": 4, "paged_lion_32bit": 4,
-    "lion_8bit": 1, "paged_lion_8bit": 1, "adafactor": 0, "sgd": 0, "rmsprop": 4, "adagrad": 4,
+    "adamw_torch": 8,
+    "adamw_torch_fused": 8,
+    "adamw_hf": 8,
+    "adamw_apex_fused": 8,
+    "paged_adamw_32bit": 8,
+    "adamw_bnb_8bit": 2,
+    "adamw_8bit": 2,
+    "paged_adamw_8bit": 2,
+    "lion_32bit": 4,
+    "paged_lion_32bit": 4,
+    "lion_8bit": 1,
+    "paged_lion_8bit": 1,
+    "adafactor": 0,
+    "sgd": 0,
+    "rmsprop": 4,
+    "adagrad": 4,
 }
 FUSED_OPTIMIZERS = {"adamw_torch_fused", "adamw_apex_fused"}  # no full-size temporaries in step()
 DEEPSPEED_MASTER_BYTES = 4  # DeepSpeed keeps fp32 master weights for 16-bit trainable ones
@@ -39,8 +52,12 @@ DEEPSPEED_MASTER_BYTES = 4  # DeepSpeed keeps fp32 master weights for 16-bit tra
 #   half:  16-bit weights (LoRA on GPU, DeepSpeed, QLoRA without PEFT's fp32 upcast)
 #   amp32: QLoRA after PEFT's fp32 upcast, under autocast (fp32 residual stream and MLP)
 ACTIVATION_BYTES = {
-    ("fp32", "full"): (32, 8, 16), ("fp32", "adapter"): (24, 8, 16), ("amp", "full"): (30, 4, 8),
-    ("half", "full"): (20, 4, 8), ("half", "adapter"): (24, 4, 8), ("amp32", "adapter"): (24, 4, 14),
+    ("fp32", "full"): (32, 8, 16),
+    ("fp32", "adapter"): (24, 8, 16),
+    ("amp", "full"): (30, 4, 8),
+    ("half", "full"): (20, 4, 8),
+    ("half", "adapter"): (24, 4, 8),
+    ("amp32", "adapter"): (24, 4, 14),
 }
 LORA_BYTES_PER_RANK = {4: 4, 2: 2}  # lora_A's output, per adapted linear layer, by compute bytes
 LORA_DROPOUT_BYTES = {4: (40, 4), 2: (24, 4)}  # extra (a*hidden, c*intermediate) when dropout > 0
@@ -91,8 +108,17 @@ def setup(spec: JobSpec, peft_fp32_upcast: bool) -> Setup:
     compute = 2 if (autocast or weights == 2) else 4
     group = "full" if method.kind == "full" else "adapter"
     regime = "fp32" if compute == 4 else "half" if weights == 2 else "amp" if group == "full" else "amp32"
-    return Setup(method.kind, weights, 2 if (stage and half) else 4, autocast, compute, stage,
-                 offload_params, offload_optimizer, regime)
+    return Setup(
+        method.kind,
+        weights,
+        2 if (stage and half) else 4,
+        autocast,
+        compute,
+        stage,
+        offload_params,
+        offload_optimizer,
+        regime,
+    )
 
 
 def _deepspeed(choice: str | None) -> tuple[int, bool, bool]:
@@ -118,8 +144,11 @@ def lora_targets(spec: JobSpec) -> list[str]:
     if targets == "all-linear":
         return list(LINEAR_NAMES)
     if isinstance(targets, str):  # PEFT matches a string as a regex over the whole module name
-        return [n for n in LINEAR_NAMES if any(re.fullmatch(targets, f"model.layers.0.{part}.{n}")
-                                               for part in ("self_attn", "mlp"))] or list(LINEAR_NAMES)
+        return [
+            n
+            for n in LINEAR_NAMES
+            if any(re.fullmatch(targets, f"model.layers.0.{part}.{n}") for part in ("self_attn", "mlp"))
+        ] or list(LINEAR_NAMES)
     return [n for n in LINEAR_NAMES if n in targets] + (["lm_head"] if "lm_head" in targets else [])
 
 
@@ -164,8 +193,9 @@ class Parts:
     gathered_live: float = 0.0
 
 
-def memory(spec: JobSpec, shape: ModelShape, device: Accelerator,
-           peft_fp32_upcast: bool) -> tuple[dict[str, int], dict[str, str], int]:
+def memory(
+    spec: JobSpec, shape: ModelShape, device: Accelerator, peft_fp32_upcast: bool
+) -> tuple[dict[str, int], dict[str, str], int]:
     """What is live at the peak on one worker (bytes), why, and what is offloaded to the host."""
     s = setup(spec, peft_fp32_upcast)
     parts = _sharded(spec, shape, s, _unsharded(spec, shape, s, device))
@@ -193,9 +223,17 @@ def _unsharded(spec: JobSpec, shape: ModelShape, s: Setup, device: Accelerator) 
         step_temp = 0
     else:  # torch's foreach AdamW (GPU) makes a full-size temporary; its CPU loop one per tensor
         step_temp = 4 * (trainable if device.kind == "gpu" else _largest_trainable(spec, shape))
-    return Parts(weights=weights, gathered=gathered, adapters=adapter_params(spec, shape) * s.adapter_bytes,
-                 grads=trainable * grad_bytes, grad_bytes=grad_bytes, optimizer=trainable * (state + master),
-                 state_bytes=state, master_bytes=master, step_temp=step_temp)
+    return Parts(
+        weights=weights,
+        gathered=gathered,
+        adapters=adapter_params(spec, shape) * s.adapter_bytes,
+        grads=trainable * grad_bytes,
+        grad_bytes=grad_bytes,
+        optimizer=trainable * (state + master),
+        state_bytes=state,
+        master_bytes=master,
+        step_temp=step_temp,
+    )
 
 
 def _sharded(spec: JobSpec, shape: ModelShape, s: Setup, p: Parts) -> Parts:
@@ -205,7 +243,7 @@ def _sharded(spec: JobSpec, shape: ModelShape, s: Setup, p: Parts) -> Parts:
     if s.zero_stage >= 1:
         p.optimizer, p.step_temp = p.optimizer / n, p.step_temp / n
     if s.zero_stage >= 2:
-        p.grads, p.buckets = p.grads / n, 2 * shape.hidden ** 2 * 2  # + a double-buffered reduce bucket
+        p.grads, p.buckets = p.grads / n, 2 * shape.hidden**2 * 2  # + a double-buffered reduce bucket
         p.step_temp += min(ZERO2_ALLGATHER_ELEMENTS, trainable) * 2 if s.zero_stage == 2 else 0
     if s.zero_stage >= 1 and s.offload_optimizer:
         p.host, p.optimizer, p.step_temp = p.host + p.optimizer + p.grads, 0, 0
@@ -221,13 +259,23 @@ def _static_items(spec: JobSpec, shape: ModelShape, s: Setup, p: Parts) -> list[
     """What is live all the time: weights, adapters, optimizer states, DDP's buckets."""
     n, trainable = spec.scaling.num_workers, trainable_params(spec, shape)
     ddp = trainable * p.grad_bytes if (n > 1 and not s.zero_stage) else 0
-    return [Item("weights", p.weights, _weights_note(spec, s)),
-            Item("LoRA adapters", p.adapters,
-                 f"{adapter_params(spec, shape) / 1e6:,.1f} M parameters, {s.adapter_bytes} bytes each"),
-            Item("optimizer states", p.optimizer, f"{spec.train.optimizer}: {p.state_bytes} bytes per trainable "
-                 f"parameter" + (" + an fp32 master copy" if p.master_bytes else "")
-                 + (f", sharded {n} ways" if s.zero_stage else "")),
-            Item("DDP gradient buckets", ddp, "DDP's all-reduce buckets: a second copy of the gradients")]
+    return [
+        Item("weights", p.weights, _weights_note(spec, s)),
+        Item(
+            "LoRA adapters",
+            p.adapters,
+            f"{adapter_params(spec, shape) / 1e6:,.1f} M parameters, {s.adapter_bytes} bytes each",
+        ),
+        Item(
+            "optimizer states",
+            p.optimizer,
+            f"{spec.train.optimizer}: {p.state_bytes} bytes per trainable "
+            f"parameter"
+            + (" + an fp32 master copy" if p.master_bytes else "")
+            + (f", sharded {n} ways" if s.zero_stage else ""),
+        ),
+        Item("DDP gradient buckets", ddp, "DDP's all-reduce buckets: a second copy of the gradients"),
+    ]
 
 
 def _peak_items(spec: JobSpec, shape: ModelShape, s: Setup, device: Accelerator, p: Parts) -> list[Item]:
@@ -246,18 +294,34 @@ def _peak_items(spec: JobSpec, shape: ModelShape, s: Setup, device: Accelerator,
     live_grads = p.grads if keeps_grads else (shape.embedding_params * p.grad_bytes if head_trainable else 0)
     backward = amp_copies + saved + mask + transient + p.gathered_live + live_grads
     if backward < p.grads + p.step_temp:
-        return [Item("gradients", p.grads + p.buckets, f"{p.grad_bytes} bytes per trainable parameter"),
-                Item("optimizer step temporaries", p.step_temp,
-                     "the peak is the optimizer step: activations are freed")]
+        return [
+            Item("gradients", p.grads + p.buckets, f"{p.grad_bytes} bytes per trainable parameter"),
+            Item("optimizer step temporaries", p.step_temp, "the peak is the optimizer step: activations are freed"),
+        ]
     checkpointed = method.gradient_checkpointing
-    return [Item("gradients", live_grads + p.buckets, "all, kept across accumulation" if keeps_grads else
-                 "only the LM head's: the others replace activations as backward runs"),
-            Item("activations", saved + mask, ("checkpointed layer inputs" if checkpointed else "saved for backward")
-                 + f", {T:,} tokens a micro-batch" + (", packed attention mask" if mask else "")),
-            Item("backward transients", transient, "loss tiles of the LM head, or one layer's backward"
-                 + (" (recomputed)" if checkpointed else "")),
-            Item("autocast weight copies", amp_copies, "16-bit copies of the linear weights, forward to backward"),
-            Item("ZeRO-3 gathered weights", p.gathered_live, "a layer's (or the head's) full weights, and the next")]
+    return [
+        Item(
+            "gradients",
+            live_grads + p.buckets,
+            "all, kept across accumulation"
+            if keeps_grads
+            else "only the LM head's: the others replace activations as backward runs",
+        ),
+        Item(
+            "activations",
+            saved + mask,
+            ("checkpointed layer inputs" if checkpointed else "saved for backward")
+            + f", {T:,} tokens a micro-batch"
+            + (", packed attention mask" if mask else ""),
+        ),
+        Item(
+            "backward transients",
+            transient,
+            "loss tiles of the LM head, or one layer's backward" + (" (recomputed)" if checkpointed else ""),
+        ),
+        Item("autocast weight copies", amp_copies, "16-bit copies of the linear weights, forward to backward"),
+        Item("ZeRO-3 gathered weights", p.gathered_live, "a layer's (or the head's) full weights, and the next"),
+    ]
 
 
 def _saved_activations(spec: JobSpec, shape: ModelShape, s: Setup, T: int) -> tuple[float, float]:

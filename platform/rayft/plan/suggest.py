@@ -34,9 +34,11 @@ def suggestions(spec: JobSpec, device: Accelerator, replan: Replan) -> list[Sugg
     that fits."""
     current = replan([])
     baseline = current.total_bytes if current else 0
-    found = [Suggestion(change, overrides, plan.total_bytes, plan.fits)
-             for change, overrides in _candidates(spec, device)
-             if (plan := replan(overrides)) and plan.total_bytes < baseline]
+    found = [
+        Suggestion(change, overrides, plan.total_bytes, plan.fits)
+        for change, overrides in _candidates(spec, device)
+        if (plan := replan(overrides)) and plan.total_bytes < baseline
+    ]
     micro = [s for s in found if s.change.startswith("micro-batch")]  # keep one: the largest that fits
     found = [s for s in found if s not in micro or s is next((m for m in micro if m.fits), micro[-1])]
     if found and not any(s.fits for s in found):
@@ -53,8 +55,14 @@ def suggestions(spec: JobSpec, device: Accelerator, replan: Replan) -> list[Sugg
             if (plan := replan([o for c in fewer for o in c.overrides])) and plan.fits:
                 chosen, best = fewer, plan
         if best and len(chosen) > 1:
-            found.append(Suggestion(" + ".join(s.change for s in chosen), [o for s in chosen for o in s.overrides],
-                                    best.total_bytes, best.fits))
+            found.append(
+                Suggestion(
+                    " + ".join(s.change for s in chosen),
+                    [o for s in chosen for o in s.overrides],
+                    best.total_bytes,
+                    best.fits,
+                )
+            )
     if any(s.fits for s in found):
         found = [s for s in found if s.fits]
     return found
@@ -79,4 +87,3 @@ def _candidates(spec: JobSpec, device: Accelerator) -> list[tuple[str, list[str]
     if method.kind != "qlora" and method.deepspeed != "zero3-offload":
         out.append(("QLoRA (4-bit base weights)", ["method.kind=qlora"]))
     return out
-

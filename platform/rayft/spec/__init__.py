@@ -19,5 +19,19 @@ from rayft.spec.schema import (
     TuneSpec,
 )
 
-__all__ = ["DataSpec", "EvalSpec", "FilterSpec", "JobSpec", "MethodSpec", "ModelSpec", "RunSpec", "ScalingSpec",
-           "SourceSpec", "StepPlan", "TrainSpec", "TuneSpec", "load_spec", "validate_spec"]
+__all__ = [
+    "DataSpec",
+    "EvalSpec",
+    "FilterSpec",
+    "JobSpec",
+    "MethodSpec",
+    "ModelSpec",
+    "RunSpec",
+    "ScalingSpec",
+    "SourceSpec",
+    "StepPlan",
+    "TrainSpec",
+    "TuneSpec",
+    "load_spec",
+    "validate_spec",
+]

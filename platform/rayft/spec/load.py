@@ -16,8 +16,13 @@ from rayft.spec.schema import JobSpec
 from rayft.spec.yamlfile import Origins, apply_override, deep_merge, read_yaml
 
 
-def load_spec(path: str | Path | None = None, *, profiles: Sequence[str | Path] = (),
-              overrides: Sequence[str] = (), data: dict[str, Any] | None = None) -> JobSpec:
+def load_spec(
+    path: str | Path | None = None,
+    *,
+    profiles: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    data: dict[str, Any] | None = None,
+) -> JobSpec:
     """YAML file (or a dict) + profile overlays + `a.b=c` overrides -> a validated JobSpec."""
     origins = Origins()
     if path is not None:

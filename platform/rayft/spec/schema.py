@@ -89,7 +89,9 @@ class FilterSpec(Section):
     dedup: bool = True
     near_dedup: bool = Field(False, description="Also drop near-duplicates (normalized text).")
     drop_sure_openers: bool = Field(False, description='Drop replies opening with "Sure!", "Certainly!", ...')
-    drop_placeholders: bool = Field(True, description="Drop replies with placeholder text like 'lorem ipsum' or '[insert'.")
+    drop_placeholders: bool = Field(
+        True, description="Drop replies with placeholder text like 'lorem ipsum' or '[insert'."
+    )
     drop_refusals: bool = Field(False, description="Drop replies that are canned refusals ('As an AI language model').")
 
 
@@ -108,7 +110,9 @@ class DataSpec(Section):
     filters: FilterSpec = Field(default_factory=FilterSpec)
     on_error: Literal["raise", "skip"] = "raise"
     cache: bool = True
-    cache_dir: str | None = Field(None, description="Where prepared data is kept, shared by runs; default <run.storage_path>/prepared.")
+    cache_dir: str | None = Field(
+        None, description="Where prepared data is kept, shared by runs; default <run.storage_path>/prepared."
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -122,7 +126,9 @@ class DataSpec(Section):
 
 # ----------------------------------------------------------------------------------- train
 class TrainSpec(Section):
-    global_batch_size: int = Field(32, ge=1, description="Sequences (or packed rows) per optimizer step, all workers together.")
+    global_batch_size: int = Field(
+        32, ge=1, description="Sequences (or packed rows) per optimizer step, all workers together."
+    )
     micro_batch_size: int = Field(4, ge=1, description="Per worker, per forward pass.")
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
@@ -171,15 +177,23 @@ class RunSpec(Section):
     @classmethod
     def _plain_uri(cls, value: str) -> str:
         if "?" in value:
-            raise ValueError("no query parameters in the URI: set the endpoint and region in the environment "
-                             "(AWS_ENDPOINT_URL, AWS_REGION), which every worker receives")
+            raise ValueError(
+                "no query parameters in the URI: set the endpoint and region in the environment "
+                "(AWS_ENDPOINT_URL, AWS_REGION), which every worker receives"
+            )
         return value
 
-    checkpoint_metric: str | None = Field("eval_loss", description="Keep the best by this metric; null keeps the latest.")
+    checkpoint_metric: str | None = Field(
+        "eval_loss", description="Keep the best by this metric; null keeps the latest."
+    )
     checkpoint_mode: Literal["min", "max"] = "min"
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint; -1 retries forever.")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts from the last checkpoint; -1 retries forever."
+    )
     save_merged: bool = Field(False, description="Also save the LoRA merged into the base model.")
-    log_samples: bool = Field(False, description="Write which samples each step trained on (samples/, per rank and attempt).")
+    log_samples: bool = Field(
+        False, description="Write which samples each step trained on (samples/, per rank and attempt)."
+    )
     forward_env: list[str] = Field(
         default_factory=lambda: ["WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_MODE"],
         description="Environment variables passed by reference from the driver to the workers.",

@@ -11,8 +11,15 @@ from typing import Any
 # must never be written out even if a user pasted one into a string.
 # Whole words at the end of a key: `hf_token`, `api_key`, `secret`, not `max_new_tokens`.
 SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|apikey|token|secret|password|passwd|credentials?)$", re.IGNORECASE)
-SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY",
-                   "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS", "OPENAI_API_KEY")
+SECRET_ENV_VARS = (
+    "WANDB_API_KEY",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "OPENAI_API_KEY",
+)
 REDACTED = "***"
 
 

@@ -106,8 +106,10 @@ def apply_override(data: dict[str, Any], override: str, origins: Origins) -> dic
             raise SpecError(f"cannot set {key}: {'.'.join(parts[:depth])} is not a section", origin="command line")
         child = node.get(part)
         if child is not None and not isinstance(child, (dict, list)):
-            raise SpecError(f"cannot set {key}: {'.'.join(parts[:depth + 1])} is a value ({child!r}), not a section",
-                            origin="command line")
+            raise SpecError(
+                f"cannot set {key}: {'.'.join(parts[: depth + 1])} is a value ({child!r}), not a section",
+                origin="command line",
+            )
         node[part] = child = dict(child) if isinstance(child, dict) else (child if isinstance(child, list) else {})
         node = child
     last = parts[-1]

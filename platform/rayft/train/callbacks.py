@@ -96,8 +96,9 @@ class CheckpointReporter(RayTrainReportCallback):
             if source is not None:
                 shutil.copytree(source, os.path.join(staging, self.CHECKPOINT_NAME))
                 checkpoint = ray.train.Checkpoint.from_directory(staging)
-            ray.train.report(metrics=metrics, checkpoint=checkpoint,
-                             checkpoint_dir_name=checkpoint_dir_name(state.global_step))
+            ray.train.report(
+                metrics=metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.global_step)
+            )
 
 
 class ProgressReporter(TrainerCallback):
@@ -116,8 +117,11 @@ class ProgressReporter(TrainerCallback):
         logs = logs or {}
         elapsed = time.time() - self.started
         done = state.global_step - self.start_step
-        fields: dict[str, Any] = {"step": state.global_step, "max_steps": state.max_steps,
-                                  "epoch": round(state.epoch or 0, 3)}
+        fields: dict[str, Any] = {
+            "step": state.global_step,
+            "max_steps": state.max_steps,
+            "epoch": round(state.epoch or 0, 3),
+        }
         for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
             if key in logs:
                 fields[key] = logs[key]
@@ -137,8 +141,11 @@ class MetricsTimeline(TrainerCallback):
     def __init__(self, run_dir: RunDir, meter: TokenMeter, resumed_from_step: int):
         self.path, self.meter = run_dir.metrics, meter
         previous = storage.read_text(self.path) or ""
-        self.lines = [line for line in previous.splitlines()
-                      if line.strip() and json.loads(line).get("step", 0) <= resumed_from_step]
+        self.lines = [
+            line
+            for line in previous.splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= resumed_from_step
+        ]
         self.started = time.time()
         self.offset = json.loads(self.lines[-1])["time"] if self.lines else 0.0
 
@@ -146,9 +153,13 @@ class MetricsTimeline(TrainerCallback):
         self.started = time.time()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        record = {"step": state.global_step, "time": round(self.offset + time.time() - self.started, 3),
-                  "epoch": state.epoch, "tokens_per_second": self.meter.rate(),
-                  **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}}
+        record = {
+            "step": state.global_step,
+            "time": round(self.offset + time.time() - self.started, 3),
+            "epoch": state.epoch,
+            "tokens_per_second": self.meter.rate(),
+            **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))},
+        }
         self.lines.append(json.dumps(record))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

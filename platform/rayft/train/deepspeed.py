@@ -20,14 +20,27 @@ BASE: dict[str, Any] = {
     # The HF trainer builds its own AdamW; DeepSpeed accepts it with this flag.
     "zero_allow_untested_optimizer": True,
 }
-ZERO2 = {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto",
-         "allgather_bucket_size": 5e8}
-ZERO3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto",
-         "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
-         # Gather the shards when saving, so the final model is one consolidated HF directory.
-         "stage3_gather_16bit_weights_on_model_save": True}
-OFFLOAD = {"offload_optimizer": {"device": "cpu", "pin_memory": True},
-           "offload_param": {"device": "cpu", "pin_memory": True}}
+ZERO2 = {
+    "stage": 2,
+    "overlap_comm": True,
+    "contiguous_gradients": True,
+    "reduce_bucket_size": "auto",
+    "allgather_bucket_size": 5e8,
+}
+ZERO3 = {
+    "stage": 3,
+    "overlap_comm": True,
+    "contiguous_gradients": True,
+    "reduce_bucket_size": "auto",
+    "stage3_prefetch_bucket_size": "auto",
+    "stage3_param_persistence_threshold": "auto",
+    # Gather the shards when saving, so the final model is one consolidated HF directory.
+    "stage3_gather_16bit_weights_on_model_save": True,
+}
+OFFLOAD = {
+    "offload_optimizer": {"device": "cpu", "pin_memory": True},
+    "offload_param": {"device": "cpu", "pin_memory": True},
+}
 
 
 def deepspeed_config(spec: JobSpec) -> dict[str, Any]:

@@ -26,33 +26,50 @@ from rayft.train.worker import train_loop_per_worker
 Log = Callable[[str], None]
 
 
-def train(spec: JobSpec, *, fresh: bool = False, log: Log = print, trial: Trial | None = None,
-          callbacks: list[Any] | None = None, tracker: Any | None = None) -> RunSummary:
+def train(
+    spec: JobSpec,
+    *,
+    fresh: bool = False,
+    log: Log = print,
+    trial: Trial | None = None,
+    callbacks: list[Any] | None = None,
+    tracker: Any | None = None,
+) -> RunSummary:
     """Prepare the data (or reuse it), train on `scaling.num_workers` workers, save the model.
     A sweep passes its trial's identity, Tune's report callback and its W&B tracker."""
     return fit(plan_run(spec, log=log, fresh=fresh, trial=trial), log=log, callbacks=callbacks, tracker=tracker)
 
 
-def fit(plan: RunPlan, *, log: Log = print, callbacks: list[Any] | None = None,
-        tracker: Any | None = None) -> RunSummary:
+def fit(
+    plan: RunPlan, *, log: Log = print, callbacks: list[Any] | None = None, tracker: Any | None = None
+) -> RunSummary:
     """Train as `plan` says and write <run>/summary.json."""
     from ray.train.torch import TorchTrainer
 
     started = plan.started_at or time.time()
     _begin(plan, log)
     with RunServices(plan, log, tracker=tracker) as services:
-        trainer = TorchTrainer(train_loop_per_worker,
-                               train_loop_config={"plan": plan, "services": services.for_workers},
-                               scaling_config=scaling_config(plan.spec), run_config=run_config(plan, callbacks))
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"plan": plan, "services": services.for_workers},
+            scaling_config=scaling_config(plan.spec),
+            run_config=run_config(plan, callbacks),
+        )
         try:
             result = trainer.fit()
         except Exception as exc:
             raise (user_error_in(exc) or _training_failed(exc)) from None
-    summary = RunSummary.of(result.return_value, name=plan.spec.run_name, run_dir=plan.run_dir.path,
-                            base_model_dir=plan.model_dir, prepared=plan.prepared.root,
-                            checkpoint=result.checkpoint.path if result.checkpoint else None,
-                            startup_seconds=services.first_step_at - started,
-                            total_seconds=time.time() - started, wandb=services.wandb)
+    summary = RunSummary.of(
+        result.return_value,
+        name=plan.spec.run_name,
+        run_dir=plan.run_dir.path,
+        base_model_dir=plan.model_dir,
+        prepared=plan.prepared.root,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        startup_seconds=services.first_step_at - started,
+        total_seconds=time.time() - started,
+        wandb=services.wandb,
+    )
     storage.write_json(plan.run_dir.summary, summary.to_dict())
     return summary
 
@@ -64,10 +81,12 @@ def _begin(plan: RunPlan, log: Log) -> None:
     elif plan.resume_from:
         log(f"train: resuming {spec.run_name} from {plan.resume_from} (--fresh starts over)")
     storage.write_text(run_dir.spec, yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    log(f"train: {spec.scaling.num_workers} worker(s), global batch {spec.train.global_batch_size} = "
+    log(
+        f"train: {spec.scaling.num_workers} worker(s), global batch {spec.train.global_batch_size} = "
         f"{spec.train.micro_batch_size} x {spec.scaling.num_workers} workers x "
         f"{spec.gradient_accumulation_steps} accumulation, {plan.steps.total_steps} steps, "
-        f"checkpoint every {plan.steps.save_every} -> {run_dir.path}")
+        f"checkpoint every {plan.steps.save_every} -> {run_dir.path}"
+    )
     if plan.waiting:
         log(f"train: {plan.waiting}")
 
@@ -79,8 +98,13 @@ def scaling_config(spec: JobSpec) -> Any:
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    return ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
-                         accelerator_type=scaling.accelerator_type, placement_strategy=scaling.placement_strategy)
+    return ScalingConfig(
+        num_workers=scaling.num_workers,
+        use_gpu=scaling.use_gpu,
+        resources_per_worker=resources,
+        accelerator_type=scaling.accelerator_type,
+        placement_strategy=scaling.placement_strategy,
+    )
 
 
 def run_config(plan: RunPlan, callbacks: list[Any] | None = None) -> Any:
@@ -90,10 +114,13 @@ def run_config(plan: RunPlan, callbacks: list[Any] | None = None) -> Any:
     # Keeping the best checkpoints by eval_loss needs an evaluation; without one, the latest.
     metric = spec.run.checkpoint_metric if plan.has_eval or spec.run.checkpoint_metric != "eval_loss" else None
     return RunConfig(
-        name=spec.run_name, storage_path=str(storage_root(spec)),
-        checkpoint_config=CheckpointConfig(num_to_keep=spec.run.checkpoints_to_keep,
-                                           checkpoint_score_attribute=metric,
-                                           checkpoint_score_order=spec.run.checkpoint_mode),
+        name=spec.run_name,
+        storage_path=str(storage_root(spec)),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=spec.run.checkpoints_to_keep,
+            checkpoint_score_attribute=metric,
+            checkpoint_score_order=spec.run.checkpoint_mode,
+        ),
         failure_config=FailureConfig(max_failures=spec.run.max_failures),
         worker_runtime_env={"env_vars": env_values(spec, Target.WORKERS)},
         callbacks=callbacks or None,

@@ -56,8 +56,14 @@ class ProgressPrinter:
     """Polls the board and prints a line whenever something changed (and at most every
     `every` seconds); quiet while nothing happens."""
 
-    def __init__(self, board: Any, log: Callable[[str], None], every: float = 2.0,
-                 waiting: str | None = None, notices: dict[Any, str] | None = None):
+    def __init__(
+        self,
+        board: Any,
+        log: Callable[[str], None],
+        every: float = 2.0,
+        waiting: str | None = None,
+        notices: dict[Any, str] | None = None,
+    ):
         """`notices`: object refs whose values are printed, after their label, once ready
         (things started alongside training, such as the W&B run, that training need not wait for)."""
         self.board, self.log, self.every, self.waiting = board, log, every, waiting

@@ -91,10 +91,15 @@ class SFTRecipe:
         samples = callbacks.SampleLog(plan.run_dir, self.rank, self.resumed_from_step) if spec.run.log_samples else None
         collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=spec.data.packing)
         self.trainer = MeteredSFTTrainer(
-            model=model, args=sft_config(spec, self.scratch, has_eval=eval_data is not None, steps=plan.steps),
-            train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
+            model=model,
+            args=sft_config(spec, self.scratch, has_eval=eval_data is not None, steps=plan.steps),
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            processing_class=tokenizer,
             data_collator=callbacks.WithSampleIds(collator) if samples else collator,
-            meter=self.meter, sample_log=samples)
+            meter=self.meter,
+            sample_log=samples,
+        )
         self._add_callbacks(samples)
         self.trainer = prepare_trainer(self.trainer)
 
@@ -128,10 +133,16 @@ class SFTRecipe:
         final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
         tokens, trained = self.meter.totals()
         result = RunResult(
-            steps=trainer.state.global_step, epochs=float(trainer.state.epoch or 0),
-            train_loss=self.output.training_loss, eval_loss=final_eval.get("eval_loss"),
-            tokens=tokens, trained_tokens=trained, train_seconds=self.train_seconds,
-            model_dir=self._save_final(), resumed_from_step=self.resumed_from_step)
+            steps=trainer.state.global_step,
+            epochs=float(trainer.state.epoch or 0),
+            train_loss=self.output.training_loss,
+            eval_loss=final_eval.get("eval_loss"),
+            tokens=tokens,
+            trained_tokens=trained,
+            train_seconds=self.train_seconds,
+            model_dir=self._save_final(),
+            resumed_from_step=self.resumed_from_step,
+        )
         if self.timeline is not None:
             self.timeline.flush()  # with the final evaluation, logged after on_train_end
         if self.tracked is not None:

@@ -25,15 +25,19 @@ def capacity_wait(spec: JobSpec) -> str | None:
         return None
     scaling = spec.scaling
     what = ", ".join(f"{v:g} more {k}" for k, v in missing.items())
-    asked = (f"scaling.num_workers={scaling.num_workers} x "
-             + (f"scaling.gpus_per_worker={scaling.gpus_per_worker:g} GPU" if "GPU" in missing
-                else f"scaling.cpus_per_worker={scaling.cpus_per_worker:g} CPU"))
+    asked = f"scaling.num_workers={scaling.num_workers} x " + (
+        f"scaling.gpus_per_worker={scaling.gpus_per_worker:g} GPU"
+        if "GPU" in missing
+        else f"scaling.cpus_per_worker={scaling.cpus_per_worker:g} CPU"
+    )
     ceiling = _autoscaler_ceiling()
     if ceiling and all(ceiling.get(k, 0) >= v for k, v in needed.items()):
         return f"waiting for the autoscaler to add {what} ({asked})"
     have_text = ", ".join(f"{have.get(k, 0):g} {k}" for k in needed)
-    raise ClusterError(f"the job needs {what} than the cluster has ({asked}; the cluster has {have_text}). "
-                       "Lower the scaling section or add nodes.")
+    raise ClusterError(
+        f"the job needs {what} than the cluster has ({asked}; the cluster has {have_text}). "
+        "Lower the scaling section or add nodes."
+    )
 
 
 def _autoscaler_ceiling() -> dict[str, float]:

@@ -53,14 +53,43 @@ class RunSummary:
     wandb: str | None = None
 
     @classmethod
-    def of(cls, result: RunResult, *, name: str, run_dir: str, base_model_dir: str, prepared: str,
-           checkpoint: str | None, startup_seconds: float, total_seconds: float, wandb: str | None) -> RunSummary:
-        return cls(name=name, run_dir=run_dir, train_loss=result.train_loss, eval_loss=result.eval_loss,
-                   steps=result.steps, tokens=result.tokens, trained_tokens=result.trained_tokens,
-                   tokens_per_second=result.tokens_per_second, startup_seconds=round(startup_seconds, 1),
-                   train_seconds=round(result.train_seconds, 1), total_seconds=round(total_seconds, 1),
-                   checkpoint=checkpoint, model_dir=result.model_dir, base_model_dir=base_model_dir,
-                   prepared=prepared, resumed_from_step=result.resumed_from_step, wandb=wandb)
+    def of(
+        cls,
+        result: RunResult,
+        *,
+        name: str,
+        run_dir: str,
+        base_model_dir: str,
+        prepared: str,
+        checkpoint: str | None,
+        startup_seconds: float,
+        total_seconds: float,
+        wandb: str | None,
+    ) -> RunSummary:
+        return cls(
+            name=name,
+            run_dir=run_dir,
+            train_loss=result.train_loss,
+            eval_loss=result.eval_loss,
+            steps=result.steps,
+            tokens=result.tokens,
+            trained_tokens=result.trained_tokens,
+            tokens_per_second=result.tokens_per_second,
+            startup_seconds=round(startup_seconds, 1),
+            train_seconds=round(result.train_seconds, 1),
+            total_seconds=round(total_seconds, 1),
+            checkpoint=checkpoint,
+            model_dir=result.model_dir,
+            base_model_dir=base_model_dir,
+            prepared=prepared,
+            resumed_from_step=result.resumed_from_step,
+            wandb=wandb,
+        )
+
+    @property
+    def saving_seconds(self) -> float:
+        """What the wall time holds besides start-up and training: the final model's upload."""
+        return max(self.total_seconds - self.startup_seconds - self.train_seconds, 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -67,8 +67,9 @@ class RunPlan:
         return f"{self.run_dir.path}#{self.trial.name if self.trial else ''}"
 
 
-def plan_run(spec: JobSpec, *, log: Log = print, fresh: bool = False, resume: bool = True,
-             trial: Trial | None = None) -> RunPlan:
+def plan_run(
+    spec: JobSpec, *, log: Log = print, fresh: bool = False, resume: bool = True, trial: Trial | None = None
+) -> RunPlan:
     """The plan of `spec`'s run. Unless `fresh` (or `resume` is off, as for evaluating a run), a
     run directory holding checkpoints of the same model, method and data is continued (another
     one is an error naming what changed)."""
@@ -80,8 +81,18 @@ def plan_run(spec: JobSpec, *, log: Log = print, fresh: bool = False, resume: bo
         check_resumable(spec, run_dir, log)
     model_dir = materialized_dir(spec)
     prepared = prepare(spec, load_tokenizer(spec, model_dir), log=log)
-    return RunPlan(spec, run_dir, model_dir, prepared, spec.step_plan(prepared.train_rows), resume_from,
-                   fresh=fresh, waiting=waiting, started_at=started_at, trial=trial)
+    return RunPlan(
+        spec,
+        run_dir,
+        model_dir,
+        prepared,
+        spec.step_plan(prepared.train_rows),
+        resume_from,
+        fresh=fresh,
+        waiting=waiting,
+        started_at=started_at,
+        trial=trial,
+    )
 
 
 def latest_checkpoint(run_dir: RunDir) -> str | None:
@@ -101,8 +112,11 @@ def check_resumable(spec: JobSpec, run_dir: RunDir, log: Log) -> None:
     if blocking:
         path, old, new = blocking[0]
         more = f", and {len(blocking) - 1} more" if len(blocking) > 1 else ""
-        raise SpecError(f"run {spec.run_name!r} in {run_dir.path} has checkpoints of a different {path.split('.')[0]} "
-                        f"({path}: {old!r} -> {new!r}{more}); rerun with --fresh to start over, or give the new job "
-                        "its own run.name", field=path)
+        raise SpecError(
+            f"run {spec.run_name!r} in {run_dir.path} has checkpoints of a different {path.split('.')[0]} "
+            f"({path}: {old!r} -> {new!r}{more}); rerun with --fresh to start over, or give the new job "
+            "its own run.name",
+            field=path,
+        )
     if changed:
         log("train: resuming with changes: " + ", ".join(f"{p}: {o!r} -> {n!r}" for p, o, n in changed[:6]))

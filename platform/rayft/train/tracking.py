@@ -58,10 +58,17 @@ def run_settings(plan: RunPlan) -> dict[str, Any]:
     config = spec.to_dict()
     if trial and trial.params:
         config["trial_params"] = redact(trial.params)
-    return {"project": settings.project, "entity": settings.entity, "name": trial.name if trial else spec.run_name,
-            "group": (trial.group if trial else None) or settings.group, "tags": settings.tags or None,
-            "dir": wandb_dir(plan), "mode": wandb_mode(spec), "config": config,
-            "id": run_id(plan.run_dir.path, trial.name if trial else None)}
+    return {
+        "project": settings.project,
+        "entity": settings.entity,
+        "name": trial.name if trial else spec.run_name,
+        "group": (trial.group if trial else None) or settings.group,
+        "tags": settings.tags or None,
+        "dir": wandb_dir(plan),
+        "mode": wandb_mode(spec),
+        "config": config,
+        "id": run_id(plan.run_dir.path, trial.name if trial else None),
+    }
 
 
 class Tracker:
@@ -77,8 +84,9 @@ class Tracker:
 
         if key not in self.runs:
             os.makedirs(settings["dir"], exist_ok=True)
-            self.runs[key] = wandb.init(**settings, resume="allow", reinit="create_new",
-                                        settings=wandb.Settings(console="off", silent=True))
+            self.runs[key] = wandb.init(
+                **settings, resume="allow", reinit="create_new", settings=wandb.Settings(console="off", silent=True)
+            )
             for values, step in self.early.pop(key, []):
                 self.runs[key].log(values, step=step)
         return self._location(self.runs[key])

@@ -29,7 +29,9 @@ def plot_sweep(trials: list[Any], spec: JobSpec, directory: str) -> str | None:
                 ax.scatter(xs, [p[1] for p in points if isinstance(p[0], (int, float))], color=color, label=status)
             labels = [str(p[0]) for p in points if not isinstance(p[0], (int, float))]
             if labels:
-                ax.scatter(labels, [p[1] for p in points if not isinstance(p[0], (int, float))], color=color, label=status)
+                ax.scatter(
+                    labels, [p[1] for p in points if not isinstance(p[0], (int, float))], color=color, label=status
+                )
         if kind == "loguniform" or (kind in ("grid", "choice") and _positive_spread(scored, path)):
             ax.set_xscale("log")
         ax.set_xlabel(path)
@@ -39,8 +41,14 @@ def plot_sweep(trials: list[Any], spec: JobSpec, directory: str) -> str | None:
     for trial in trials:
         if trial.curve:
             steps, values = zip(*trial.curve)
-            curves.plot(steps, values, marker="o", color=COLORS.get(trial.status, "tab:gray"),
-                        alpha=0.8, label=f"{trial.name} ({trial.status})")
+            curves.plot(
+                steps,
+                values,
+                marker="o",
+                color=COLORS.get(trial.status, "tab:gray"),
+                alpha=0.8,
+                label=f"{trial.name} ({trial.status})",
+            )
     curves.set_xlabel("step")
     curves.set_ylabel(spec.sweep.metric)
     curves.set_title("every trial")

@@ -16,11 +16,16 @@ from rayft.train.resources import required_resources
 def search_space(tune_spec: TuneSpec) -> dict[str, Any]:
     from ray import tune
 
-    make = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
-            "randint": lambda v: tune.randint(v[0], v[1] + 1),  # the spec's bounds are inclusive
-            "choice": tune.choice, "grid": tune.grid_search}
-    return {path: make[kind](values) for path, domain in tune_spec.search_space.items()
-            for kind, values in domain.items()}
+    make = {
+        "loguniform": lambda v: tune.loguniform(*v),
+        "uniform": lambda v: tune.uniform(*v),
+        "randint": lambda v: tune.randint(v[0], v[1] + 1),  # the spec's bounds are inclusive
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
+    return {
+        path: make[kind](values) for path, domain in tune_spec.search_space.items() for kind, values in domain.items()
+    }
 
 
 def with_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -30,8 +35,9 @@ def with_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def trial_spec(base: dict[str, Any], params: dict[str, Any], *, sweep: str, trial: str, trial_storage: str,
-               prepared: str) -> JobSpec:
+def trial_spec(
+    base: dict[str, Any], params: dict[str, Any], *, sweep: str, trial: str, trial_storage: str, prepared: str
+) -> JobSpec:
     """The base spec with a trial's values at their dotted paths, run in the sweep's trials/ dir
     and reading the data the sweep prepared."""
     data = with_params(base, params)
@@ -51,8 +57,10 @@ def data_variants(spec: JobSpec) -> list[dict[str, Any]]:
     swept = {path: domain for path, domain in spec.sweep.search_space.items() if path.startswith("data.")}
     for path, domain in swept.items():
         if not {"grid", "choice"} & set(domain):
-            raise SpecError(f"sweeping {path} needs grid or choice values: each data variant is prepared before "
-                            "the trials start", field=f"tune.search_space.{path}")
+            raise SpecError(
+                f"sweeping {path} needs grid or choice values: each data variant is prepared before the trials start",
+                field=f"tune.search_space.{path}",
+            )
     values = [next(iter(domain.values())) for domain in swept.values()]
     return [dict(zip(swept, combo)) for combo in itertools.product(*values)] or [{}]
 
@@ -72,11 +80,16 @@ def scheduler(spec: JobSpec) -> Any:
     # Time is counted in reports (one per evaluation/checkpoint), so grace_period reads as
     # "evaluations a trial always gets".
     if choice.kind == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=10_000, grace_period=choice.grace_period,
-                             reduction_factor=choice.reduction_factor)
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=10_000,
+            grace_period=choice.grace_period,
+            reduction_factor=choice.reduction_factor,
+        )
     if choice.kind == "median":
-        return MedianStoppingRule(time_attr="training_iteration", grace_period=choice.grace_period,
-                                  min_samples_required=2)
+        return MedianStoppingRule(
+            time_attr="training_iteration", grace_period=choice.grace_period, min_samples_required=2
+        )
     return FIFOScheduler()
 
 
@@ -84,8 +97,10 @@ def search_algorithm(spec: JobSpec) -> Any:
     if spec.sweep.search_alg == "random":
         return None  # Tune's default: random sampling, grid values expanded
     if any("grid" in domain for domain in spec.sweep.search_space.values()):
-        raise SpecError("grid values need tune.search_alg=random (Optuna samples; it does not enumerate grids)",
-                        field="tune.search_alg")
+        raise SpecError(
+            "grid values need tune.search_alg=random (Optuna samples; it does not enumerate grids)",
+            field="tune.search_alg",
+        )
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(seed=spec.train.seed)

@@ -71,8 +71,9 @@ class SweepResult:
     resumed: bool
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, trial_storage: str, prepared: str,
-              tracker: Any) -> None:
+def run_trial(
+    config: dict[str, Any], *, base: dict[str, Any], sweep: str, trial_storage: str, prepared: str, tracker: Any
+) -> None:
     """One trial: a TorchTrainer over `scaling.num_workers` workers, reporting to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -80,8 +81,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, trial
     name = tune.get_context().get_trial_name()
     params = config[PARAMS]
     spec = trial_spec(base, params, sweep=sweep, trial=name, trial_storage=trial_storage, prepared=prepared)
-    train(spec, log=lambda _: None, trial=Trial(name, sweep, params), callbacks=[TuneReportCallback()],
-          tracker=tracker)
+    train(spec, log=lambda _: None, trial=Trial(name, sweep, params), callbacks=[TuneReportCallback()], tracker=tracker)
 
 
 def sweep(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = print) -> SweepResult:
@@ -104,11 +104,27 @@ def sweep(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = pr
     best = pick_best(trials, spec.sweep.mode)
     best_path = write_best_spec(spec, best, directory) if best else None
     plot = plot_sweep(trials, spec, directory)
-    storage.write_json(f"{directory}/sweep.json", {"metric": spec.sweep.metric, "mode": spec.sweep.mode,
-                                                   "trials": [asdict(t) for t in trials],
-                                                   "best": best.name if best else None})
-    return SweepResult(spec.run_name, directory, tune_spec.metric, tune_spec.mode, trials, best, best_path, plot,
-                       time.time() - started, resumed)
+    storage.write_json(
+        f"{directory}/sweep.json",
+        {
+            "metric": spec.sweep.metric,
+            "mode": spec.sweep.mode,
+            "trials": [asdict(t) for t in trials],
+            "best": best.name if best else None,
+        },
+    )
+    return SweepResult(
+        spec.run_name,
+        directory,
+        tune_spec.metric,
+        tune_spec.mode,
+        trials,
+        best,
+        best_path,
+        plot,
+        time.time() - started,
+        resumed,
+    )
 
 
 def _prepare_variants(spec: JobSpec, log: Callable[[str], None]) -> None:
@@ -126,24 +142,44 @@ def _tuner(spec: JobSpec, directory: str, tracker: Any, log: Callable[[str], Non
 
     name = spec.run_name
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=spec.model_dump(mode="json"), sweep=name,
-                             trial_storage=f"{directory}/trials", prepared=str(prepared_base(spec)), tracker=tracker),
-        TRIAL_DRIVER_RESOURCES)
+        tune.with_parameters(
+            run_trial,
+            base=spec.model_dump(mode="json"),
+            sweep=name,
+            trial_storage=f"{directory}/trials",
+            prepared=str(prepared_base(spec)),
+            tracker=tracker,
+        ),
+        TRIAL_DRIVER_RESOURCES,
+    )
     if tune.Tuner.can_restore(directory):
         log(f"tune: resuming sweep {name} from {directory} (--fresh starts over)")
         return tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=False), True
     concurrency = spec.sweep.max_concurrent_trials or default_concurrency(spec)
-    log(f"tune: {spec.sweep.num_samples} sample(s) of {len(spec.sweep.search_space)} parameter(s), "
-        f"{concurrency} trial(s) at a time, {spec.sweep.scheduler.kind} scheduler -> {directory}")
+    log(
+        f"tune: {spec.sweep.num_samples} sample(s) of {len(spec.sweep.search_space)} parameter(s), "
+        f"{concurrency} trial(s) at a time, {spec.sweep.scheduler.kind} scheduler -> {directory}"
+    )
     tuner = tune.Tuner(
-        trainable, param_space={PARAMS: search_space(spec.sweep)},
-        tune_config=tune.TuneConfig(metric=spec.sweep.metric, mode=spec.sweep.mode, scheduler=scheduler(spec),
-                                    search_alg=search_algorithm(spec), num_samples=spec.sweep.num_samples,
-                                    max_concurrent_trials=concurrency,
-                                    trial_name_creator=lambda t: f"trial-{t.trial_id}",
-                                    trial_dirname_creator=lambda t: f"trial-{t.trial_id}"),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage_root(spec)), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+        trainable,
+        param_space={PARAMS: search_space(spec.sweep)},
+        tune_config=tune.TuneConfig(
+            metric=spec.sweep.metric,
+            mode=spec.sweep.mode,
+            scheduler=scheduler(spec),
+            search_alg=search_algorithm(spec),
+            num_samples=spec.sweep.num_samples,
+            max_concurrent_trials=concurrency,
+            trial_name_creator=lambda t: f"trial-{t.trial_id}",
+            trial_dirname_creator=lambda t: f"trial-{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage_root(spec)),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
     return tuner, False
 
 
@@ -158,8 +194,11 @@ def _finish_tracking(tracker: Any, status_by_trial: dict[str, str], default: str
 def summarize(result: Any, metric: str) -> TrialOutcome:
     history = result.metrics_dataframe
     records = history.to_dict("records") if history is not None else []
-    curve = [(int(r["step"]), float(r[metric])) for r in records
-             if r.get(metric) is not None and not _nan(r.get(metric)) and r.get("step") is not None]
+    curve = [
+        (int(r["step"]), float(r[metric]))
+        for r in records
+        if r.get(metric) is not None and not _nan(r.get(metric)) and r.get("step") is not None
+    ]
     last = result.metrics or {}
     if result.error is not None:
         status, error = "failed", _first_line(result.error)
@@ -170,10 +209,16 @@ def summarize(result: Any, metric: str) -> TrialOutcome:
     value = last.get(metric)
     # Named as in run_trial (the trial name); a restored trial's directory may carry a suffix.
     name = f"trial-{last['trial_id']}" if last.get("trial_id") else result.path.rstrip("/").rsplit("/", 1)[-1]
-    return TrialOutcome(name=name, params=(result.config or {}).get(PARAMS, {}),
-                 status=status, metric=None if value is None or _nan(value) else float(value),
-                 iterations=int(last.get("training_iteration", len(records))), steps=int(last.get("step", 0) or 0),
-                 error=error, curve=curve)
+    return TrialOutcome(
+        name=name,
+        params=(result.config or {}).get(PARAMS, {}),
+        status=status,
+        metric=None if value is None or _nan(value) else float(value),
+        iterations=int(last.get("training_iteration", len(records))),
+        steps=int(last.get("step", 0) or 0),
+        error=error,
+        curve=curve,
+    )
 
 
 def pick_best(trials: list[TrialOutcome], mode: str) -> TrialOutcome | None:
@@ -182,6 +227,7 @@ def pick_best(trials: list[TrialOutcome], mode: str) -> TrialOutcome | None:
     finished = [t for t in trials if t.status == "finished" and t.metric is not None]
     if not finished:
         return None
+
     def metric(trial: TrialOutcome) -> float:
         return trial.metric if trial.metric is not None else math.nan
 
@@ -197,9 +243,11 @@ def write_best_spec(spec: JobSpec, best: TrialOutcome, directory: str) -> str:
     data["tune"] = None
     data["run"]["name"] = f"{spec.run_name}-best"
     best_spec = validate_spec(data)
-    header = (f"# The best trial of sweep {spec.run_name}: {best.name}, {spec.sweep.metric} = {best.metric:.6g}\n"
-              f"# with {', '.join(f'{k}={v!r}' for k, v in best.params.items())}.\n"
-              f"# Train it: rayft train {directory}/best.yaml\n")
+    header = (
+        f"# The best trial of sweep {spec.run_name}: {best.name}, {spec.sweep.metric} = {best.metric:.6g}\n"
+        f"# with {', '.join(f'{k}={v!r}' for k, v in best.params.items())}.\n"
+        f"# Train it: rayft train {directory}/best.yaml\n"
+    )
     path = f"{directory}/best.yaml"
     storage.write_text(path, header + yaml.safe_dump(best_spec.to_dict(), sort_keys=False))
     return path
