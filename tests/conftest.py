@@ -286,11 +286,22 @@ def run_cli(
     )
 
 
-def wait_for(predicate: Any, timeout: float = 60, every: float = 0.5) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_for(
+    predicate: Any, *, what: str, timeout: float = 60, every: float = 0.5, process: subprocess.Popen | None = None
+) -> Any:
+    """Poll `predicate` until it is true, for at most `timeout` seconds. Gives up at once if
+    `process` (the command whose progress is awaited) has ended. Either way the error says what
+    was awaited, for how long, and what the process printed."""
+    started = time.time()
+    while time.time() - started < timeout:
         value = predicate()
         if value:
             return value
+        if process is not None and process.poll() is not None:
+            output = process.stdout.read()[-3000:] if process.stdout else ""
+            raise AssertionError(
+                f"gave up waiting for {what}: the process ended (exit code {process.returncode})"
+                f" after {time.time() - started:.0f}s\n{output}"
+            )
         time.sleep(every)
-    raise TimeoutError("condition not met in time")
+    raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f}s")

@@ -270,6 +270,24 @@ metric_list:
 """
 
 
+def multiple_choice_accuracy(model: Any, tokenizer: Any, questions: list[dict[str, Any]]) -> float:
+    """What the harness's multiple_choice `acc` is, computed without it: the choice whose tokens
+    (after the question and a space) have the highest summed log-likelihood, against the label."""
+    import torch
+
+    correct = 0
+    for question in questions:
+        scores = []
+        for choice in question["choices"]:
+            context = tokenizer(question["question"], add_special_tokens=False)["input_ids"]
+            whole = tokenizer(question["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logprobs = model(input_ids=torch.tensor([whole])).logits.log_softmax(-1)[0]
+            scores.append(sum(logprobs[i - 1, whole[i]].item() for i in range(len(context), len(whole))))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == question["label"])
+    return correct / len(questions)
+
+
 @pytest.mark.slow
 def test_lm_eval_harness_on_a_local_task(run: dict[str, Any], tiny_llama: Path, tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
@@ -289,7 +307,16 @@ def test_lm_eval_harness_on_a_local_task(run: dict[str, Any], tiny_llama: Path, 
         include_path=str(tmp_path),
         batch_size=2,
     )
-    for label in ("base", "tuned"):
-        assert 0.0 <= results[label]["tiny_choice"]["acc"] <= 1.0
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    models = {
+        "base": AutoModelForCausalLM.from_pretrained(tiny_llama),
+        "tuned": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), summary.model_dir),
+    }
+    for label, model in models.items():
+        expected = multiple_choice_accuracy(model.eval(), tokenizer, questions)
+        assert results[label]["tiny_choice"]["acc"] == pytest.approx(expected), label
     with pytest.raises(HarnessError, match="not_a_task"):
         compare_on_tasks({"base": (str(tiny_llama), None)}, ["not_a_task"], include_path=str(tmp_path))

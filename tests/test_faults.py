@@ -32,10 +32,14 @@ def latest_checkpoint(run_dir: Path) -> str | None:
         return None
 
 
-def train_workers_alive() -> list[Any]:
+def train_workers_alive(cluster: Any) -> list[Any]:
+    """The training workers alive on the test's own cluster (by address: another Ray cluster on
+    the machine, a developer's say, must not confuse the test)."""
     from ray.util.state import list_actors
 
-    return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return list_actors(
+        address=cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
 
 
 def start_training(spec: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -69,8 +73,14 @@ def test_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_exactly(job, r
     spec, run_dir = job("worker-kill", workers=2, max_failures=1, log_samples=True)
     process = start_training(spec, ray_cluster.env(RAYFT_TEST_STEP_SECONDS=str(STEP_SECONDS)))
     try:
-        wait_for(lambda: latest_checkpoint(run_dir) == "checkpoint_000004", timeout=240, every=0.1)
-        victim = train_workers_alive()[-1]
+        wait_for(
+            lambda: latest_checkpoint(run_dir) == "checkpoint_000004",
+            what="checkpoint_000004 of the run",
+            timeout=240,
+            every=0.1,
+            process=process,
+        )
+        victim = train_workers_alive(ray_cluster)[-1]
         os.kill(victim.pid, signal.SIGKILL)
         output, _ = process.communicate(timeout=400)
     finally:
@@ -117,12 +127,23 @@ def test_killed_driver_then_the_same_command_resumes_and_fresh_starts_over(job, 
     spec, run_dir = job("driver-kill", workers=1)
     process = start_training(spec, ray_cluster.env(RAYFT_TEST_STEP_SECONDS=str(STEP_SECONDS)))
     try:
-        wait_for(lambda: latest_checkpoint(run_dir) == "checkpoint_000004", timeout=240, every=0.1)
+        wait_for(
+            lambda: latest_checkpoint(run_dir) == "checkpoint_000004",
+            what="checkpoint_000004 of the run",
+            timeout=240,
+            every=0.1,
+            process=process,
+        )
         process.kill()  # SIGKILL: no cleanup, as when a laptop sleeps or a pod is evicted
         process.wait(timeout=60)
     finally:
         process.kill()
-    wait_for(lambda: not train_workers_alive(), timeout=120)  # Ray reaps the dead driver's workers
+    # Ray reaps the dead driver's workers
+    wait_for(
+        lambda: not train_workers_alive(ray_cluster),
+        what="Ray to reap the killed driver's training workers",
+        timeout=120,
+    )
     assert not (run_dir / "summary.json").exists()
 
     changed = run_cli("train", str(spec), "--no-compare", "method.lora.r=8", env=ray_cluster.env())

@@ -115,6 +115,7 @@ def test_jobs_stop(ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path
     job_id = submitted.stdout.split("submitted ", 1)[1].split(":", 1)[0]
     wait_for(
         lambda: "train: step" in run_cli("jobs", "logs", job_id, "--address", ray_cluster.dashboard, env=env).stdout,
+        what=f"job {job_id} to log a training step",
         timeout=180,
         every=2,
     )
@@ -125,6 +126,7 @@ def test_jobs_stop(ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path
             f"{job_id}" in (listed := run_cli("jobs", "list", "--address", ray_cluster.dashboard, env=env).stdout)
             and "STOPPED" in listed
         ),
+        what=f"job {job_id} to be listed as STOPPED",
         timeout=120,
         every=2,
     )

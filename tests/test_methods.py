@@ -271,11 +271,38 @@ def test_export_merges_qlora_into_its_dequantized_base(method_runs: dict[str, An
         torch.testing.assert_close(merged(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def greedy_answer(
+    model_dir: str, base_dir: str, messages: list[dict[str, str]] | None, text: str | None, new_tokens: int
+) -> str:
+    """Independent of rayft: plain PEFT + generate, prompted with the chat template (messages) or
+    with raw text."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), model_dir).eval()
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if messages else text
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    with torch.no_grad():
+        out = model.generate(
+            **ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id
+        )[0, ids["input_ids"].shape[1] :].tolist()
+    ended = next((i for i, t in enumerate(out) if t in stop), None)
+    return tokenizer.decode(out[:ended], skip_special_tokens=True).strip()
+
+
 def test_generate_and_chat_use_the_chat_template(method_runs: dict[str, Any]) -> None:
     _, summary = method_runs["lora"]
-    result = run_cli("generate", summary.run_dir, "What is 2 plus 2?", "--max-new-tokens", "5")
+    question = "What is 2 plus 2?"
+    expected = greedy_answer(
+        summary.model_dir, summary.base_model_dir, [{"role": "user", "content": question}], None, 6
+    )
+    untemplated = greedy_answer(summary.model_dir, summary.base_model_dir, None, question, 6)
+    assert expected != untemplated, "the test could not tell a templated prompt from a raw one"
+    result = run_cli("generate", summary.run_dir, question, "--max-new-tokens", "6")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "> What is 2 plus 2?" in result.stdout
+    assert f"> {question}\n{expected}\n" in result.stdout, (expected, result.stdout)
     chat = subprocess.run(
         [str(Path(sys.executable).parent / "rayft"), "chat", summary.run_dir, "--max-new-tokens", "4"],
         input="hello\n/reset\nhi there\n/exit\n",
@@ -285,3 +312,8 @@ def test_generate_and_chat_use_the_chat_template(method_runs: dict[str, Any]) ->
     )
     assert chat.returncode == 0, chat.stdout + chat.stderr
     assert chat.stdout.count("model>") == 2 and "(new conversation)" in chat.stdout
+    # after /reset the history is empty: the second answer is the templated answer to "hi there" alone
+    second = greedy_answer(
+        summary.model_dir, summary.base_model_dir, [{"role": "user", "content": "hi there"}], None, 4
+    )
+    assert chat.stdout.rsplit("model> ", 1)[1].startswith(second), (second, chat.stdout)

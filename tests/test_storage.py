@@ -44,7 +44,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
             except Exception:
                 return False
 
-        wait_for(bucket_created, timeout=30)
+        wait_for(bucket_created, what=f"moto_server on port {port} to create bucket {BUCKET}", timeout=60)
         yield env
     finally:
         server.terminate()

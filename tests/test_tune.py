@@ -46,7 +46,12 @@ def test_sweep_with_asha_failures_resume_tracking_and_best_yaml(
         [str(BIN / "rayft"), "tune", str(spec)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        wait_for(lambda: list((sweep_dir / "trials").glob("*/summary.json")), timeout=400, every=0.5)
+        wait_for(
+            lambda: list((sweep_dir / "trials").glob("*/summary.json")),
+            what="the sweep's first trial to finish",
+            timeout=600,
+            every=0.5,
+        )
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     finally:

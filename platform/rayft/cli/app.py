@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from rayft.cli.views import console, log
@@ -220,7 +221,7 @@ def generate(
         loaded, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature
     )
     for item, answer in zip(prompts, answers):
-        console.print(f"[bold]> {item.messages[-1]['content']}[/]\n{answer}\n", soft_wrap=True)
+        console.print(f"[bold]> {escape(item.messages[-1]['content'])}[/]\n{escape(answer)}\n", soft_wrap=True)
 
 
 @app.command()

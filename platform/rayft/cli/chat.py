@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from rayft.errors import DataError, RayftError
 from rayft.eval.generation import Prompt, generate
@@ -66,4 +67,4 @@ def chat_loop(
         history.append({"role": "user", "content": text})
         answers, _ = generate(model, tokenizer, [Prompt(list(history), None)], max_new_tokens=max_new_tokens)
         history.append({"role": "assistant", "content": answers[0]})
-        console.print(f"[bold cyan]model> [/]{answers[0]}", soft_wrap=True)
+        console.print(f"[bold cyan]model> [/]{escape(answers[0])}", soft_wrap=True)

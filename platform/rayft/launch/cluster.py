@@ -45,10 +45,13 @@ def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int 
             )
             where = f"Ray cluster at {address}"
         else:
-            # With the dashboard: it serves the State API, which Ray Train's placement-group cleaner
-            # needs to release a worker group whose controller died (a sweep trial stopped early);
-            # without it those CPUs stay reserved and the next trial never starts.
+            # address="local": a new instance of our own, even when a `ray start` cluster runs on
+            # this machine (ray.init would otherwise join that one). With the dashboard: it serves
+            # the State API, which Ray Train's placement-group cleaner needs to release a worker
+            # group whose controller died (a sweep trial stopped early); without it those CPUs stay
+            # reserved and the next trial never starts.
             ray.init(
+                address="local",
                 num_cpus=num_cpus or os.cpu_count(),
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
