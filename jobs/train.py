@@ -14,6 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from rayft.cli import app  # noqa: E402
+from rayft.launch.submit import adopt_job_secrets  # noqa: E402
 
 if __name__ == "__main__":
+    adopt_job_secrets()  # what `rayft submit` passed: never in the job's recorded runtime env
     app(["train", *sys.argv[1:]], prog_name="rayft")

@@ -65,9 +65,16 @@ def free_port() -> int:
 class Cluster:
     address: str  # GCS address, for ray.init and RAY_ADDRESS
     dashboard: str  # http address of the job server
+    temp_dir: Path  # Ray's session files: logs of every process, runtime environments
 
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, "RAY_ADDRESS": self.address, **extra}
+
+    @property
+    def logs(self) -> list[Path]:
+        """The log directories of the cluster's sessions: every Ray process's output, the
+        runtime-env agent's records, the job supervisor's."""
+        return sorted(self.temp_dir.glob("session_*/logs"))
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +110,7 @@ def ray_cluster() -> Cluster:
     # environment, which is inherited from `ray start`.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=180, env=env)
-    cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}")
+    cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", Path(temp))
     from rayft.launch.cluster import connect
 
     connect(cluster.address)
@@ -284,6 +291,33 @@ def run_cli(
         env=env or os.environ.copy(),
         cwd=cwd,
     )
+
+
+def secret_forms(secret: str) -> list[bytes]:
+    """A secret as it could leak: raw, lowercased (names made for Kubernetes or W&B), base64."""
+    import base64
+
+    return [secret.encode(), secret.lower().encode(), base64.b64encode(secret.encode())]
+
+
+def assert_secret_nowhere(secret: str, *places: Path, texts: tuple[str, ...] = ()) -> int:
+    """No form of `secret` in any file under `places` (run directories, W&B files, Ray's session
+    logs) or in `texts` (a command's output, a job's record). Returns how many files were read."""
+    forms = secret_forms(secret)
+    for text in texts:
+        assert not any(form in text.encode() for form in forms), f"a secret in: {text[:200]}"
+    read = 0
+    for place in places:
+        for path in [place] if place.is_file() else place.rglob("*"):
+            if path.is_file() and not path.is_symlink() and path.suffix not in (".sock",):
+                try:
+                    content = path.read_bytes()
+                except OSError:  # a socket or a file a process is rotating
+                    continue
+                read += 1
+                leaked = [form for form in forms if form in content]
+                assert not leaked, f"{path} holds the secret ({leaked[0][:6]!r}...)"
+    return read
 
 
 def wait_for(

@@ -460,7 +460,6 @@ def test_to_yaml_is_plain_multi_document_yaml() -> None:
     [
         (("scaling.use_gpu=true", "scaling.accelerator_type=B7000"), {}, "scaling.accelerator_type"),
         (("run.name=" + "x" * 48,), {}, "run.name"),
-        (("run.name=___",), {}, "run.name"),
         (("run.storage_path=s3://bucket/runs",), {"storage": "team-nfs"}, "run.storage_path"),
         (("run.storage_path=hdfs://namenode/runs",), {}, "run.storage_path"),
         (("run.forward_env=[WANDB-KEY]",), {}, "run.forward_env"),

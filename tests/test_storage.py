@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import BIN, free_port, run_cli, spec_dict, wait_for, write_spec
+from conftest import BIN, assert_secret_nowhere, free_port, run_cli, spec_dict, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_training_on_s3_storage_and_resuming_from_it(
     prepared = [f for f in files if f.startswith("prepared/") and f.endswith("stats.json")]
     assert len(prepared) == 1 and any(f.startswith("prepared/") and f.endswith(".parquet") for f in files)
     assert "held-out prompts: base vs tuned" in result.stdout
-    assert "testing-secret-key" not in result.stdout + result.stderr
+    assert_secret_nowhere("testing-secret-key", tmp_path, *ray_cluster.logs, texts=(result.stdout, result.stderr))
 
     again = run_cli("train", str(spec), "--no-compare", env=env)
     assert again.returncode == 0, again.stdout[-3000:]

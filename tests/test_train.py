@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import spec_dict
+from conftest import assert_secret_nowhere, spec_dict
 from rayft.errors import ClusterError
 from rayft.spec import load_spec
 
@@ -161,7 +161,9 @@ def test_too_many_workers_is_a_clear_error_not_a_hang(
     assert "6 more CPU" in message and "scaling.num_workers=4" in message and "cluster has 2 CPU" in message
 
 
-def test_one_wandb_run_per_job_with_metrics_config_and_no_secret(runs: dict[int, Any], tiny_llama: Path) -> None:
+def test_one_wandb_run_per_job_with_metrics_config_and_no_secret(
+    runs: dict[int, Any], tiny_llama: Path, ray_cluster: Any
+) -> None:
     from wandb_records import find_runs, read_run
 
     spec, summary, lines = runs[2]
@@ -183,6 +185,5 @@ def test_one_wandb_run_per_job_with_metrics_config_and_no_secret(runs: dict[int,
         summary.eval_loss
     )
     assert summary.wandb and f"wandb: {summary.wandb}" in lines  # where it was tracked, printed as it started
-    for path in run_dir.rglob("*"):
-        if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), path
+    # nowhere: the run's files, W&B's, and every log of the cluster's processes
+    assert assert_secret_nowhere(SECRET, run_dir, *ray_cluster.logs) > 10

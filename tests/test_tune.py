@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import BIN, run_cli, spec_dict, wait_for, write_spec
+from conftest import BIN, assert_secret_nowhere, run_cli, spec_dict, wait_for, write_spec
 from wandb_records import find_runs, read_run
 
 pytestmark = pytest.mark.slow
@@ -92,9 +92,7 @@ def test_sweep_with_asha_failures_resume_tracking_and_best_yaml(
         assert segments[0]["config"]["trial_params"]["train.learning_rate"] in RATES
         assert segments[0]["config"]["model"]["path"] == str(tiny_llama)
     # No secret anywhere in the sweep's files (W&B logs, specs, checkpoints, Tune state).
-    for path in sweep_dir.rglob("*"):
-        if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), path
+    assert_secret_nowhere(SECRET, sweep_dir, *ray_cluster.logs, texts=(resumed.stdout, resumed.stderr))
 
     # best.yaml is a ready spec that trains to the metric the sweep reported for it.
     best = run_cli("train", str(sweep_dir / "best.yaml"), "--no-compare", env=env)

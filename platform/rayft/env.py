@@ -1,6 +1,16 @@
-"""Which environment variables reach which Ray processes: the one table, and the one function
+"""Which environment variables reach which Ray processes: the one table, and the functions
 every launcher calls (training workers, Ray Data tasks, evaluation tasks, the W&B tracker, a
 submitted job, KubeRay pods).
+
+Secret values never travel in a Ray runtime environment: Ray records runtime environments (the
+runtime-env agent logs them, `ray job list` shows a job's). Settings do (`runtime_env`); secrets
+reach the processes another way:
+- an embedded local Ray is started by this process, so its workers inherit its environment;
+- on an existing cluster (`--address`, a submitted job, a sweep's trials), this process puts them
+  in a small SecretStore actor (`share_secrets`) and every rayft process takes them from there
+  when it starts (`adopt_secrets`): an actor call's values go through the object store, which
+  Ray neither logs nor shows;
+- KubeRay pods get them from a Kubernetes Secret, by reference (rayft.launch.k8s).
 
 Groups of variables:
 - quiet: progress bars and advisories off (rayft.quiet);
@@ -17,9 +27,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from enum import Enum
+from typing import Any
 
 from rayft.quiet import quiet_env
 from rayft.spec import JobSpec
+from rayft.spec.secrets import is_secret_name
 from rayft.storage import scheme
 
 # What processes that read or write object storage need, by URI scheme.
@@ -100,7 +112,74 @@ def env_values(spec: JobSpec, target: Target) -> dict[str, str]:
     }
 
 
+def is_secret(spec: JobSpec, name: str) -> bool:
+    """A secret by its name, or because the spec forwards it: run.forward_env holds tokens, and
+    a setting among them (WANDB_MODE) loses nothing by travelling the way secrets do."""
+    return is_secret_name(name) or name in spec.run.forward_env
+
+
+def settings(spec: JobSpec, target: Target) -> dict[str, str]:
+    """What `target` gets that is no secret: what may go in a runtime environment."""
+    return {k: v for k, v in env_values(spec, target).items() if not is_secret(spec, k)}
+
+
+def secrets(spec: JobSpec, target: Target) -> dict[str, str]:
+    """What `target` gets that is secret: delivered by `share_secrets`, never recorded."""
+    return {k: v for k, v in env_values(spec, target).items() if is_secret(spec, k)}
+
+
 def runtime_env(spec: JobSpec, target: Target) -> dict[str, dict[str, str]] | None:
-    """`{"env_vars": ...}` for a Ray runtime environment, or None when there is nothing to set."""
-    values = env_values(spec, target)
+    """`{"env_vars": settings}` for a Ray runtime environment, or None when there is nothing."""
+    values = settings(spec, target)
     return {"env_vars": values} if values else None
+
+
+# --------------------------------------------------------------------------------- secrets
+class SecretStore:
+    """Holds a driver's secret environment variables for the Ray processes of its jobs."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def put(self, values: dict[str, str]) -> None:
+        self.values.update(values)
+
+    def get(self) -> dict[str, str]:
+        return dict(self.values)
+
+
+_inherited = False  # set by rayft.launch.cluster when it starts an embedded local Ray
+_store: Any = None
+
+
+def processes_inherit_environment(inherit: bool = True) -> None:
+    """Declare that this process started the Ray instance, so every Ray process it runs
+    inherits its environment (and nothing needs sharing)."""
+    global _inherited
+    _inherited = inherit
+
+
+def share_secrets(spec: JobSpec) -> Any | None:
+    """A SecretStore actor holding the secrets every target of `spec` needs, or None when the
+    Ray processes inherit this environment, or there are none."""
+    global _store
+    values = {k: v for target in Target if target is not Target.KUBERAY for k, v in secrets(spec, target).items()}
+    if _inherited or not values:
+        return _store  # a store another part of this process shared stays usable
+    import ray
+
+    if _store is None:
+        _store = ray.remote(num_cpus=0)(SecretStore).remote()
+    ray.get(_store.put.remote(values))
+    return _store
+
+
+def adopt_secrets(store: Any | None) -> None:
+    """In a Ray process: take the driver's secrets into this process's environment (values
+    already set here, by the cluster's own environment, win)."""
+    if store is None:
+        return
+    import ray
+
+    for name, value in ray.get(store.get.remote()).items():
+        os.environ.setdefault(name, value)

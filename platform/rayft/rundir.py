@@ -2,6 +2,7 @@
 
 <run.storage_path>/                 storage root (a local/NFS path or s3:// gs://)
   <run.name>/                       a run directory (RunDir)
+    .rayft-run                      marks a directory rayft made (`--fresh` deletes only those)
     spec.yaml                       the resolved spec, secrets hidden
     summary.json                    the run summary (rayft.train.result.RunSummary)
     metrics.jsonl                   one line per trainer log: step, time, losses, tokens/s
@@ -22,6 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from rayft import __version__, storage
+from rayft.errors import SpecError
 from rayft.spec import JobSpec
 from rayft.storage import Location, is_remote
 
@@ -29,6 +32,7 @@ from rayft.storage import Location, is_remote
 # (RayTrainReportCallback.CHECKPOINT_NAME); stated here so that readers need not import Ray.
 HF_CHECKPOINT = "checkpoint"
 RAY_CHECKPOINT_REGISTRY = "checkpoint_manager_snapshot.json"
+RUN_MARKER, SWEEP_MARKER = ".rayft-run", ".rayft-sweep"
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class RunDir:
     def remote(self) -> bool:
         return is_remote(self.path)
 
+    marker = property(lambda self: self._file(RUN_MARKER))
     spec = property(lambda self: self._file("spec.yaml"))
     summary = property(lambda self: self._file("summary.json"))
     metrics = property(lambda self: self._file("metrics.jsonl"))
@@ -76,6 +81,26 @@ class RunDir:
 
     def sample_log(self, rank: int, from_step: int) -> str:
         return f"{self.samples}/rank{rank}-from-step{from_step}.jsonl"
+
+
+def mark(directory: str, marker: str = RUN_MARKER) -> None:
+    """Say that rayft made `directory` (a run's, or a sweep's with SWEEP_MARKER)."""
+    storage.write_text(f"{directory}/{marker}", f"made by rayft {__version__}\n")
+
+
+def delete_for_fresh_start(directory: str, marker: str = RUN_MARKER) -> None:
+    """`--fresh`: delete a run's (or sweep's) directory, only when rayft made it: a run name or
+    storage path that points anywhere else deletes nothing."""
+    if not storage.exists(directory):
+        return
+    if not storage.exists(f"{directory}/{marker}"):
+        what = "sweep" if marker == SWEEP_MARKER else "run"
+        raise SpecError(
+            f"{directory} exists but holds no {what} of rayft's (no {marker} in it), so --fresh will not "
+            f"delete it: choose another run.name, or remove the directory yourself",
+            field="run.name",
+        )
+    storage.delete_dir(directory)
 
 
 def checkpoint_dir_name(step: int) -> str:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 SCHEME_SEPARATOR = "://"
+# URI schemes pyarrow's filesystems open (what Ray Train's storage accepts too).
+SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")
 
 
 def is_remote(path: str) -> bool:
@@ -25,6 +27,16 @@ def is_remote(path: str) -> bool:
 def scheme(path: str) -> str:
     """'s3' for s3://bucket/key, 'file' for file:///x, '' for a plain path."""
     return path.split(SCHEME_SEPARATOR, 1)[0].lower() if is_remote(path) else ""
+
+
+def check_scheme(path: str) -> str:
+    """`path`, or a ValueError naming the schemes that can be used."""
+    if is_remote(path) and scheme(path) not in SCHEMES:
+        raise ValueError(
+            f"{path!r}: unknown storage scheme {scheme(path)}://; use a local or NFS path, or one of "
+            + ", ".join(f"{s}://" for s in SCHEMES)
+        )
+    return path
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,44 @@ def filesystem(path: str) -> tuple[Any, str]:
     if is_remote(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def portable_filesystem(path: str) -> tuple[Any, str]:
+    """(filesystem, path inside it) for processes that cannot read this process's credentials
+    from their own environment: Ray Train's controller and workers, Ray Data's write tasks. An
+    S3 filesystem is built with this process's AWS_* credentials inside it, and reaches them
+    pickled, through the object store (never a runtime environment, which Ray records)."""
+    if scheme(path) != "s3" or not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
+        return filesystem(path)
+    import pyarrow.fs as pafs
+
+    env = os.environ
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    fs = pafs.S3FileSystem(
+        access_key=env["AWS_ACCESS_KEY_ID"],
+        secret_key=env["AWS_SECRET_ACCESS_KEY"],
+        session_token=env.get("AWS_SESSION_TOKEN"),
+        region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        endpoint_override=endpoint,
+    )
+    return fs, path.split(SCHEME_SEPARATOR, 1)[1].rstrip("/")
+
+
+def for_ray(path: str) -> tuple[str, Any | None]:
+    """(storage_path, storage_filesystem) for Ray Train's and Tune's RunConfig: a location as is,
+    or, where credentials must travel inside the filesystem (portable_filesystem), the path
+    inside it and that filesystem."""
+    if not is_remote(path):
+        return path, None
+    fs, inner = portable_filesystem(path)
+    import pyarrow.fs as pafs
+
+    return (inner, fs) if isinstance(fs, pafs.S3FileSystem) and inner != path else (path, None)
+
+
+def with_scheme(like: str, inner: str) -> str:
+    """A path inside `like`'s filesystem, as a full location again (s3://bucket/x for bucket/x)."""
+    return f"{scheme(like)}{SCHEME_SEPARATOR}{inner.lstrip('/')}" if is_remote(like) and not is_remote(inner) else inner
 
 
 def exists(path: str) -> bool:

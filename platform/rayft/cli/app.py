@@ -39,19 +39,43 @@ AddressOpt = typer.Option(
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show worker logs.")
 
 
+DEBUG = {"traceback": False}  # --debug: show the traceback of every error
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of any error.")) -> None:
+    """Ray-native supervised fine-tuning: one YAML spec, any cluster size."""
+    DEBUG["traceback"] = debug
+
+
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Errors a user can act on are printed as one message, not a traceback."""
+    """Errors a user can act on are printed as one message, not a traceback; so is anything
+    else that goes wrong (`--debug` shows the traceback)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except RayftError as exc:
-            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            if DEBUG["traceback"]:
+                console.print_exception()
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # not ours to explain: say what and where, briefly
+            if DEBUG["traceback"]:
+                raise
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            console.print(
+                f"[bold red]error:[/] {type(exc).__name__}: {escape(lines[-1] if lines else '')}\n"
+                "(rayft --debug COMMAND ... shows the traceback)",
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -83,10 +107,10 @@ def validate(
     """Print the fully resolved spec (defaults filled in, secrets hidden) or what is wrong."""
     import yaml
 
-    from rayft.model import resolve_source
+    from rayft.train.preflight import preflight
 
     job = _load(spec, overrides, profile)
-    resolve_source(job.model)  # a missing model path is a spec error too
+    preflight(job)  # the model, data files, template, DeepSpeed file and storage too
     console.print(yaml.safe_dump(job.to_dict(), sort_keys=False).rstrip())
     console.print(
         f"[green]valid[/]: gradient accumulation {job.gradient_accumulation_steps}, precision {job.precision}",
@@ -141,7 +165,11 @@ def tune(
 
     job = _load(spec, overrides, profile)
     _connect(address, verbose)
-    print_sweep(sweep(job, fresh=fresh, log=log))
+    result = sweep(job, fresh=fresh, log=log)
+    print_sweep(result)
+    failed = [trial for trial in result.trials if trial.status == "failed"]
+    if result.trials and len(failed) == len(result.trials):
+        raise RayftError(f"every trial of sweep {result.name} failed ({len(failed)}); the first: {failed[0].error}")
 
 
 @app.command()
@@ -157,8 +185,10 @@ def prepare(
     """Run the data pipeline on Ray Data (or reuse its cache) and print its statistics."""
     from rayft.data.prepare import prepare as run_prepare
     from rayft.model import load_tokenizer, materialized_dir
+    from rayft.train.preflight import preflight
 
     job = _load(spec, overrides, profile)
+    preflight(job)
     _connect(address, verbose)
     prepared = run_prepare(job, load_tokenizer(job, materialized_dir(job)), force=force, log=log)
     log(f"prepared: {prepared.root}")
@@ -176,8 +206,10 @@ def data_preview(
 ) -> None:
     """A few processed examples with the trained tokens highlighted, and the data statistics."""
     from rayft.cli.preview import preview
+    from rayft.train.preflight import preflight
 
     job = _load(spec, overrides, profile)
+    preflight(job)
     _connect(address, quiet=True)
     preview(job, console, count=count, split=split)
 

@@ -18,7 +18,7 @@ from rayft.data import stages
 from rayft.data.cache import CacheEntry, locate
 from rayft.data.prepared import STATS_FILE, Prepared
 from rayft.data.sources import plan_chunks
-from rayft.env import Target, runtime_env
+from rayft.env import Target, runtime_env, share_secrets
 from rayft.errors import DataError, user_error_in
 from rayft.spec import JobSpec
 
@@ -50,7 +50,7 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False, log: Callable
             weight=source.weight,
             is_eval=index >= n_train,
             max_samples=source.max_samples,
-            eval_fraction=0.0 if spec.data.eval else spec.data.eval_fraction,
+            eval_fraction=spec.data.held_out_fraction,
         )
         for index, source in enumerate(sources)
     ]
@@ -61,7 +61,10 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False, log: Callable
     try:
         with _Progress(ledger, log):
             dataset = _pipeline(spec, tokenizer.name_or_path, entry, chunks, options, ledger)
-            dataset.write_parquet(staging, partition_cols=["split"], ray_remote_args=_remote_args(spec))
+            target, filesystem = storage.for_ray(staging)  # credentials travel inside the filesystem
+            dataset.write_parquet(
+                target, filesystem=filesystem, partition_cols=["split"], ray_remote_args=_remote_args(spec)
+            )
         stats = _finish(staging, entry, spec, ray.get(ledger.summary.remote()), time.time() - started)
     except Exception as exc:  # Ray wraps task errors; show the user's error, not Ray's
         if staging != entry.root:
@@ -95,11 +98,13 @@ def _pipeline(
     context.print_on_execution_start = False
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     remote = _remote_args(spec)
-    dataset = ray.data.read_datasource(stages.SampleSource(chunks, options, spec.data, ledger), ray_remote_args=remote)
+    secrets = share_secrets(spec)
+    source = stages.SampleSource(chunks, options, spec.data, ledger, secrets)
+    dataset = ray.data.read_datasource(source, ray_remote_args=remote)
     with warnings.catch_warnings():  # max_restarts has no named parameter; Ray warns about **kwargs
         warnings.simplefilter("ignore")
         dataset = dataset.map_batches(
-            stages.bound_encoder(spec, tokenizer_dir, entry.template, ledger),
+            stages.bound_encoder(spec, tokenizer_dir, entry.template, ledger, secrets),
             batch_size=512,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
@@ -151,7 +156,7 @@ def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, secon
         )
         totals[split] = _length_stats(table, spec.data.max_length)
     if totals["train"]["rows"] == 0:
-        raise DataError(f"no training samples left after filtering: {summary['counts']}")
+        raise DataError(_nothing_left(spec, entry, summary))
     stats = {
         "key": entry.key,
         "seconds": round(seconds, 2),
@@ -168,6 +173,30 @@ def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, secon
         storage.delete_dir(entry.root)  # a forced re-prepare replaces the old result
         storage.move_dir(staging, entry.root)
     return stats
+
+
+def _nothing_left(spec: JobSpec, entry: CacheEntry, summary: dict[str, Any]) -> str:
+    """Why no training sample is left, naming the files and what to change."""
+    counts = summary["counts"]
+    files = [f for group in entry.files[: len(spec.data.train)] for f in group]
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    records = counts.get("records", 0)
+    dropped = ", ".join(f"{k}={v:,}" for k, v in sorted(counts.items()) if k not in ("records", "kept") and v)
+    message = f"no training samples left: {records:,} record(s) read from {shown}" + (
+        f"; dropped {dropped}" if dropped else ""
+    )
+    if records == 0:
+        return message + ": the files hold no records"
+    if counts.get("no_trained_tokens", 0) + counts.get("over_max_length", 0) + counts.get("too_long", 0):
+        return (
+            message + f". Samples are longer than data.max_length={spec.data.max_length} "
+            f"(data.truncation={spec.data.truncation}) and lost their replies: raise data.max_length, or set "
+            "data.truncation: keep_end"
+        )
+    if counts.get("malformed"):
+        first = (summary.get("errors") or ["?"])[0]
+        return message + f" (data.on_error=skip); the first malformed record: {first}"
+    return message
 
 
 def _length_stats(table: Any, max_length: int) -> dict[str, Any]:

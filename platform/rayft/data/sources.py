@@ -24,6 +24,7 @@ from rayft.errors import DataError, SpecError
 from rayft.storage import filesystem, is_remote, scheme
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz")
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
 HUB_PREFIX = "hf:"
 CHUNK_BYTES = 64 << 20
 
@@ -42,7 +43,8 @@ class Chunk:
 
 
 def expand(path: str) -> list[str]:
-    """A source path -> the files it names (sorted), or [path] for a hub dataset."""
+    """A source path -> the files it names (sorted; local ones absolute, so that read tasks on
+    any node, or a job started elsewhere, read the same files), or [path] for a hub dataset."""
     if path.startswith(HUB_PREFIX):
         return [path]
     if is_remote(path):
@@ -59,7 +61,7 @@ def expand(path: str) -> list[str]:
         raise SpecError(f"no such file or directory: {path}", field="data")
     if not files:
         raise SpecError(f"{path} matches no data files ({', '.join(SUFFIXES)})", field="data")
-    return files
+    return [os.path.abspath(file) for file in files]
 
 
 def _expand_remote(uri: str) -> list[str]:
@@ -147,13 +149,18 @@ def _read_jsonl(chunk: Chunk) -> Iterator[tuple[int, int, Any]]:
         if chunk.start:
             handle.seek(chunk.start)
         position, line = chunk.start, chunk.first_line
-        for raw in handle:
-            if chunk.end >= 0 and position >= chunk.end:
-                return
-            position += len(raw)
-            if raw.strip():
-                yield line, line, _parse_json_line(raw, chunk.path, line)
-            line += 1
+        try:
+            for raw in handle:
+                if chunk.end >= 0 and position >= chunk.end:
+                    return
+                position += len(raw)
+                if line == 1:
+                    raw = raw.removeprefix(BOM)  # Windows editors start a file with one
+                if raw.strip():
+                    yield line, line, _parse_json_line(raw, chunk.path, line)
+                line += 1
+        except (OSError, EOFError) as exc:  # a .gz that is not gzip, or is cut short
+            raise DataError(f"cannot read the file: {exc}", file=chunk.path, line=line) from None
 
 
 def _parse_json_line(raw: bytes, path: str, line: int) -> Any:
@@ -172,7 +179,7 @@ def _parse_json_line(raw: bytes, path: str, line: int) -> Any:
 def _read_json_array(path: str) -> Iterator[tuple[int, int, Any]]:
     """A JSON file holding a list of records; each record's line is where it starts."""
     with _open(path) as handle:
-        raw = handle.read()
+        raw = handle.read().removeprefix(BOM)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -214,26 +221,41 @@ def _skip_space(text: str, index: int) -> int:
 
 
 def _read_parquet(path: str) -> Iterator[tuple[int, int, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, root = filesystem(path)
-    parquet = pq.ParquetFile(root, filesystem=fs)
     row = 1
-    for batch in parquet.iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            yield row, row, record
-            row += 1
+    try:
+        for batch in pq.ParquetFile(root, filesystem=fs).iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                yield row, row, record
+                row += 1
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"not a readable parquet file: {exc}", file=path, line=row if row > 1 else None) from None
 
 
 def _read_csv(path: str) -> Iterator[tuple[int, int, Any]]:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark
     with _open(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")  # type: ignore[type-var]
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")  # type: ignore[type-var]
         reader = csv.DictReader(text)
         try:
             for number, record in enumerate(reader, start=1):
                 yield number, reader.line_num, record
-        except UnicodeDecodeError as exc:
-            raise DataError(f"not valid UTF-8: {exc.reason}", file=path, line=reader.line_num + 1) from None
+        except UnicodeDecodeError as exc:  # decoded in blocks: find the bad byte's own line
+            raise _bad_utf8(path, exc.reason) from None
+
+
+def _bad_utf8(path: str, reason: str) -> DataError:
+    with _open(path) as raw:
+        data = raw.read().removeprefix(BOM)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        return DataError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x})", file=path, line=line)
+    return DataError(f"not valid UTF-8: {reason}", file=path)
 
 
 def _read_hub(name: str, split: str) -> Iterator[tuple[int, int, Any]]:

@@ -27,6 +27,7 @@ from rayft.data.quality import content_hash, drop_reason
 from rayft.data.sources import Chunk, read_chunk
 from rayft.data.templates import ChatTemplate
 from rayft.data.tokenize import Encoded, encode_conversations, encode_texts, truncate
+from rayft.env import adopt_secrets
 from rayft.errors import DataError
 from rayft.model.tokenizer import load_tokenizer
 from rayft.spec import DataSpec
@@ -103,9 +104,12 @@ class SourceOptions:
 class SampleSource(Datasource):
     """Reads every source chunk and emits canonical samples with split and sample id."""
 
-    def __init__(self, chunks: list[Chunk], sources: list[SourceOptions], data: DataSpec, ledger: Any):
+    def __init__(
+        self, chunks: list[Chunk], sources: list[SourceOptions], data: DataSpec, ledger: Any, secrets: Any = None
+    ):
         super().__init__()
         self.chunks, self.sources, self.data, self.ledger = chunks, sources, data, ledger
+        self.secrets = secrets  # rayft.env.share_secrets: storage credentials for remote sources
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -127,6 +131,7 @@ class SampleSource(Datasource):
         return tasks
 
     def _read(self, chunk: Chunk) -> Iterator[pa.Table]:
+        adopt_secrets(self.secrets)
         options, data = self.sources[chunk.source], self.data
         rows: list[tuple[tuple[int, int, int], str, str, str]] = []  # (key, split, kind, payload)
         counts: Counter[str] = Counter()
@@ -220,7 +225,8 @@ class Encoder:
     from the model directory rather than shipped: a tokenizer is megabytes, and Ray keeps large
     constructor arguments in the object store, where an actor restart can lose them)."""
 
-    def __init__(self, spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any):
+    def __init__(self, spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any, secrets: Any = None):
+        adopt_secrets(secrets)  # a hub tokenizer may need HF_TOKEN
         self.tokenizer = load_tokenizer(spec, model_dir)
         self.template, self.data, self.ledger = template, spec.data, ledger
 
@@ -269,13 +275,13 @@ class Encoder:
         return pa.table(out, schema=TOKENS_SCHEMA)
 
 
-def bound_encoder(spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any) -> type:
+def bound_encoder(spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any, secrets: Any = None) -> type:
     """Encoder with its arguments bound: Ray Data keeps constructor arguments in the object
     store (and warns that actor restarts may lose them); a bound class carries them itself."""
 
     class BoundEncoder(Encoder):
         def __init__(self) -> None:
-            super().__init__(spec, model_dir, template, ledger)
+            super().__init__(spec, model_dir, template, ledger, secrets)
 
     return BoundEncoder
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayft import storage
+from rayft.env import share_secrets
 from rayft.errors import ModelError
 from rayft.eval.generation import Prompt, generate, held_out_prompts
 from rayft.eval.loss import HeldOutLoss, collect_held_out_loss, submit_held_out_loss
@@ -132,8 +133,9 @@ def compare(
     shards = shards or shard_count(len(prompts), MIN_PROMPTS_PER_SHARD, len(models), spec)
     size = max(1, math.ceil(len(prompts) / shards))
     pieces = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+    secrets = share_secrets(spec)
     futures = {
-        label: [task.remote(model, spec, chat_template, piece, options) for piece in pieces]
+        label: [task.remote(model, spec, chat_template, piece, options, secrets) for piece in pieces]
         for label, model in models.items()
     }
     answers, stopped = {}, {}
@@ -150,9 +152,14 @@ def compare(
 
 
 def _generate_task(
-    model: ModelRef, spec: JobSpec, chat_template: str | None, prompts: list[Prompt], options: dict[str, Any]
+    model: ModelRef,
+    spec: JobSpec,
+    chat_template: str | None,
+    prompts: list[Prompt],
+    options: dict[str, Any],
+    secrets: Any,
 ) -> tuple[list[str], list[bool]]:
-    loaded, tokenizer = load_on_this_node(model, spec)
+    loaded, tokenizer = load_on_this_node(model, spec, secrets)
     if chat_template and not model[1]:
         tokenizer.chat_template = chat_template  # the base is prompted exactly like the tuned model
     return generate(loaded, tokenizer, prompts, **options)

@@ -43,6 +43,7 @@ def run_tasks(
     num_fewshot: int | None = None,
     batch_size: int = 4,
     device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> dict[str, dict[str, float]]:
     """One model on the harness's tasks -> task -> metric -> value (no bootstrap stderr: it
     costs more than the evaluation of a small task)."""
@@ -58,7 +59,7 @@ def run_tasks(
     if unknown:
         where = f" or in {include_path}" if include_path else " (give --harness-include DIR for task YAML files)"
         raise HarnessError(f"lm-eval task(s) not found: {', '.join(unknown)}: not among the harness's tasks{where}")
-    model_args: dict[str, Any] = {"pretrained": model_dir}
+    model_args: dict[str, Any] = {"pretrained": model_dir, "trust_remote_code": trust_remote_code}
     if adapter_dir:
         model_args["peft"] = adapter_dir
     results = lm_eval.simple_evaluate(
@@ -105,7 +106,7 @@ def evaluate_run_on_tasks(
         label: (_local(model_dir) or model_dir, _local(adapter))
         for label, (model_dir, adapter) in run_models(plan, checkpoint).items()
     }
-    results = compare_on_tasks(models, tasks, **options)
+    results = compare_on_tasks(models, tasks, trust_remote_code=plan.spec.model.trust_remote_code, **options)
     out = plan.run_dir.eval_result("lm_eval", checkpoint)
     storage.write_json(out, results)
     return results, out

@@ -21,6 +21,7 @@ from typing import Any
 
 from rayft.data.prepared import Prepared, load_split
 from rayft.data.tokenize import IGNORE
+from rayft.env import share_secrets
 from rayft.eval.tasks import ModelRef, load_on_this_node, shard_count, shard_ranges, task_options
 from rayft.spec import JobSpec
 
@@ -112,9 +113,9 @@ def _digest(ids: Sequence[int], labels: Sequence[int]) -> str:
 
 # ------------------------------------------------------------------------------- Ray tasks
 def _loss_task(
-    model: ModelRef, spec: JobSpec, prepared: Prepared, start: int, end: int, batch_size: int
+    model: ModelRef, spec: JobSpec, prepared: Prepared, start: int, end: int, batch_size: int, secrets: Any
 ) -> list[RowLoss]:
-    loaded, _ = load_on_this_node(model, spec)
+    loaded, _ = load_on_this_node(model, spec, secrets)
     rows = load_split(prepared, "eval").select(range(start, end))
     return row_losses(loaded, rows, batch_size)
 
@@ -133,8 +134,9 @@ def submit_held_out_loss(
     shards = shards or shard_count(rows, MIN_ROWS_PER_SHARD, len(models), spec)
     ranges = shard_ranges(rows, shards, batch_size)
     task = ray.remote(**task_options(spec))(_loss_task)
+    secrets = share_secrets(spec)
     return {
-        label: [task.remote(model, spec, prepared, start, end, batch_size) for start, end in ranges]
+        label: [task.remote(model, spec, prepared, start, end, batch_size, secrets) for start, end in ranges]
         for label, model in models.items()
     }
 

@@ -9,7 +9,7 @@ import tempfile
 from typing import Any
 
 from rayft import storage
-from rayft.env import Target, runtime_env
+from rayft.env import Target, adopt_secrets, runtime_env
 from rayft.model import materialized_dir
 from rayft.model.trained import load_for_generation
 from rayft.quiet import quiet_worker
@@ -59,12 +59,13 @@ def task_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_on_this_node(model: ModelRef, spec: JobSpec) -> tuple[Any, Any]:
+def load_on_this_node(model: ModelRef, spec: JobSpec, secrets: Any = None) -> tuple[Any, Any]:
     """`load_for_generation` inside a Ray task, on the task's device: a model in object storage
     is downloaded here, and a base the driver converted into its local cache (e.g. from GGUF) is
-    converted here too, as training workers do."""
+    converted here too, as training workers do. `secrets`: rayft.env.share_secrets's store."""
     import torch
 
+    adopt_secrets(secrets)
     quiet_worker()
     torch.set_num_threads(1)
     model_dir, adapter_dir = model

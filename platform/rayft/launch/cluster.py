@@ -5,21 +5,38 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
-from rayft.env import STORAGE_ENV
+from rayft.env import STORAGE_ENV, processes_inherit_environment
 from rayft.errors import ClusterError
 from rayft.quiet import quiet_driver, quiet_env
+from rayft.spec.secrets import is_secret_name
 
 
 def job_env() -> dict:
-    """Object-storage credentials of this environment, for every process of the job (Ray
-    Train's controller resolves the storage path too). Inside a submitted job the job's own
-    environment already has them, and Ray refuses a ray.init that sets the same keys again."""
+    """Object-storage settings of this environment (endpoints, regions; never credentials,
+    which rayft.env shares without Ray recording them), for every process of the job. Inside a
+    submitted job the job's own environment already has them, and Ray refuses a ray.init that
+    sets the same keys again."""
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         return {}
-    names = [name for group in STORAGE_ENV.values() for name in group]
+    names = [name for group in STORAGE_ENV.values() for name in group if not is_secret_name(name)]
     env_vars = {name: os.environ[name] for name in names if name in os.environ}
     return {"env_vars": env_vars} if env_vars else {}
+
+
+def ray_auth_token() -> str | None:
+    """The cluster token this client authenticates with, found where Ray looks for it."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
+
+
+AUTH_HINT = (
+    "Ray 2.60 clusters use token authentication: export RAY_AUTH_MODE=token and make the cluster's token "
+    "available here (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+)
 
 
 def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int | None = None) -> str:
@@ -32,6 +49,8 @@ def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int 
     if not verbose:
         quiet_driver()
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and "RAY_AUTH_MODE" not in os.environ and ray_auth_token():
+        os.environ["RAY_AUTH_MODE"] = "token"  # a token is at hand: clusters of Ray >= 2.52 expect it
     try:
         if address:
             # Ship this rayft to the cluster's workers: what runs there is what was submitted,
@@ -58,9 +77,14 @@ def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int 
                 log_to_driver=verbose,
                 logging_level=logging.ERROR if not verbose else logging.INFO,
             )
+            processes_inherit_environment()  # its workers are children of this process
             where = "embedded local Ray"
-    except ConnectionError as exc:
-        raise ClusterError(f"cannot connect to Ray at {address}: {exc}") from None
+    except Exception as exc:  # ConnectionError, AuthenticationError, RuntimeError, TimeoutError ...
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        auth = "auth" in f"{type(exc).__name__} {exc}".lower() or not ray_auth_token()
+        hint = f"; {AUTH_HINT}" if auth else "; check the address (HOST:6379) and that the cluster is up"
+        hint = hint if address else ""
+        raise ClusterError(f"cannot connect to Ray at {address or 'a new local instance'}: {reason}{hint}") from None
     resources = ray.cluster_resources()
     gpus = f", {resources['GPU']:g} GPU" if resources.get("GPU") else ""
     return f"{where} ({resources.get('CPU', 0):g} CPU{gpus}, {len(ray.nodes())} node(s))"

@@ -26,7 +26,7 @@ from rayft import __version__
 from rayft.env import STORAGE_ENV, Target, env_names
 from rayft.errors import SpecError
 from rayft.spec import JobSpec, ScalingSpec
-from rayft.spec.secrets import redact_text
+from rayft.spec.secrets import contains_secret, redact_text
 from rayft.storage import is_remote, scheme
 
 RAY_VERSION = "2.60.0"  # the rayproject/ray tag k8s/Dockerfile builds FROM; KubeRay needs it for authOptions
@@ -97,6 +97,9 @@ def render(
     manifests say how to regenerate them); `storage` names the PVC for a local storage_path
     (default DEFAULT_PVC); an s3:// or gs:// storage_path is used as is.
     """
+    if contains_secret(spec.run_name, spec.run.forward_env):
+        # names are lowercased and re-spelt for Kubernetes, past the reach of redaction
+        raise SpecError("holds the value of a secret environment variable; choose another run name", field="run.name")
     name = k8s_name(spec.run_name)
     labels = {
         "app.kubernetes.io/name": "rayft",

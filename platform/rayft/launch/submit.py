@@ -9,6 +9,9 @@ runs; the working directory travels with the excludes of jobs/runtime_env.yaml. 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import os
 import shlex
 from collections.abc import Callable
@@ -17,14 +20,17 @@ from typing import Any
 
 import yaml
 
-from rayft.env import Target, env_values
+from rayft.env import Target, secrets, settings
 from rayft.errors import ClusterError, SpecError
+from rayft.launch.cluster import ray_auth_token
 from rayft.spec import JobSpec
 from rayft.spec.secrets import redact_text
 
 RUNTIME_ENV_FILE = "jobs/runtime_env.yaml"
 ENTRYPOINT = "jobs/train.py"
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
+# The job's secrets, sealed (see `seal`). Not RAYFT_-prefixed: those are forwarded as test hooks.
+SEALED_SECRETS = "SEALED_JOB_SECRETS_RAYFT"
 
 
 def client(address: str | None) -> Any:
@@ -62,11 +68,41 @@ def entrypoint(
     return " ".join(shlex.quote(part) for part in parts)
 
 
-def runtime_env(spec: JobSpec, working_dir: Path) -> dict[str, Any]:
+def runtime_env(spec: JobSpec, working_dir: Path, sealed: str | None = None) -> dict[str, Any]:
+    """The job's runtime environment: the working directory and the settings it needs. Ray
+    records it (`ray job list`, the dashboard show it), so secrets are in it only sealed."""
     env_file = working_dir / RUNTIME_ENV_FILE
     base = yaml.safe_load(env_file.read_text()) if env_file.is_file() else {}
-    env_vars = {**base.get("env_vars", {}), **env_values(spec, Target.JOB)}
+    env_vars = {**base.get("env_vars", {}), **settings(spec, Target.JOB)}
+    if sealed:
+        env_vars[SEALED_SECRETS] = sealed
     return {"working_dir": str(working_dir), "excludes": base.get("excludes", []), "env_vars": env_vars}
+
+
+def _fernet(token: str) -> Any:
+    from cryptography.fernet import Fernet
+
+    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(f"rayft-job-secrets:{token}".encode()).digest()))
+
+
+def seal(values: dict[str, str], token: str) -> str:
+    """Secrets encrypted with a key derived from the cluster's auth token: whoever can read the
+    job's record without the token learns nothing, and whoever has the token can run code on
+    the cluster anyway."""
+    return _fernet(token).encrypt(json.dumps(values).encode()).decode("ascii")
+
+
+def adopt_job_secrets() -> list[str]:
+    """Inside a submitted job (jobs/train.py, first thing): unseal what `rayft submit` passed
+    into this process's environment, and drop the sealed copy. Returns the names."""
+    sealed = os.environ.pop(SEALED_SECRETS, None)
+    token = ray_auth_token()
+    if not sealed or not token:
+        return []
+    values = json.loads(_fernet(token).decrypt(sealed.encode()))
+    for name, value in values.items():
+        os.environ.setdefault(name, value)
+    return sorted(values)
 
 
 def submit(
@@ -86,13 +122,20 @@ def submit(
         raise SpecError(f"{working_dir} has no {ENTRYPOINT}: submit from the repository root or pass --working-dir")
     jobs = client(address)
     command = entrypoint(spec_path, overrides, profiles, working_dir, fresh)
+    values, token = secrets(spec, Target.JOB), ray_auth_token()
+    if values and not token:
+        log(
+            f"not passing {', '.join(sorted(values))}: the cluster uses no auth token to seal them with; "
+            "set them in the environment of the cluster's processes (ray start) instead"
+        )
+    sealed = seal(values, token) if values and token else None
     job_id = jobs.submit_job(
-        entrypoint=command, runtime_env=runtime_env(spec, working_dir), metadata={"rayft_run": spec.run_name}
+        entrypoint=command, runtime_env=runtime_env(spec, working_dir, sealed), metadata={"rayft_run": spec.run_name}
     )
-    forwarded = [name for name in spec.run.forward_env if name in os.environ]
+    passed = sorted(values) if sealed else []
     log(
         f"submitted {job_id}: {command}"
-        + (f" (passing {', '.join(forwarded)} from this environment)" if forwarded else "")
+        + (f" (passing {', '.join(passed)} from this environment, sealed)" if passed else "")
     )
     if not follow:
         return job_id, str(jobs.get_job_status(job_id))

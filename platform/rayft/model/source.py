@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayft.errors import SpecError
+from rayft.errors import ModelError, SpecError
 from rayft.rundir import models_cache
 from rayft.spec import JobSpec, ModelSpec
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,17 @@ def resolve_source(model: ModelSpec, field: str = "model.path") -> ModelSource:
     if path.endswith(".gguf"):
         if not os.path.isfile(expanded):
             raise SpecError(f"no such GGUF file: {path}", field=field)
+        with open(expanded, "rb") as handle:
+            magic = handle.read(4)
+        if magic != GGUF_MAGIC:
+            raise SpecError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})", field=field)
         return ModelSource(os.path.dirname(os.path.abspath(expanded)), os.path.basename(expanded))
+    if os.path.isfile(expanded):
+        raise SpecError(
+            f"{path} is a file, not a model: give a model directory (with config.json), a .gguf file, "
+            "pkg:PACKAGE/FILE or a hub id",
+            field=field,
+        )
     if os.path.isdir(expanded):
         if model.gguf_file:
             return ModelSource(os.path.abspath(expanded), model.gguf_file)
@@ -89,12 +100,16 @@ def _convert_gguf(source: ModelSource, target: str, trust_remote_code: bool) -> 
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(target))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+            )
+        except Exception as exc:  # the gguf reader raises anything on a truncated or foreign file
+            where = os.path.join(source.location, source.gguf_file or "")
+            raise ModelError(f"cannot read the GGUF file {where}: {type(exc).__name__}: {exc}") from None
         # transformers flags a GGUF-loaded model as quantized and refuses to save it, but its
         # weights are already dequantized to float32: detach the GGUF quantizer and save them.
         model.hf_quantizer = None

@@ -89,12 +89,21 @@ def load_base(spec: JobSpec | None, base_dir: str) -> Any:
 def load_for_generation(model_dir: str, adapter_dir: str | None = None, spec: JobSpec | None = None) -> tuple[Any, Any]:
     """A model directory, optionally with a LoRA adapter on top -> (model, tokenizer). The
     model loads as `load_base` loads a run's base, so base and tuned models of one run compute
-    alike."""
+    alike. The spec's trust_remote_code decides whether a model's own code may run; it is always
+    given, so nothing asks on the terminal."""
     from transformers import AutoTokenizer
 
     trust = bool(spec and spec.model.trust_remote_code)
-    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(adapter_dir or model_dir, trust_remote_code=trust))
-    model = load_base(spec, model_dir)
+    try:
+        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(adapter_dir or model_dir, trust_remote_code=trust))
+        model = load_base(spec, model_dir)
+    except (OSError, ValueError) as exc:
+        hint = (
+            " (set model.trust_remote_code: true in the spec if you trust its code)"
+            if "trust_remote_code" in str(exc) and not trust
+            else ""
+        )
+        raise ModelError(f"cannot load the model from {model_dir}: {str(exc).strip().splitlines()[0]}{hint}") from None
     if adapter_dir:
         from peft import PeftModel
 
@@ -118,7 +127,8 @@ def merge_adapter(adapter_dir: str, out_dir: str, spec: JobSpec | None = None) -
     base = load_base(spec, adapter_base(adapter_dir))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
+    trust = bool(spec and spec.model.trust_remote_code)
+    AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust).save_pretrained(out_dir)
     _write_provenance(
         out_dir,
         {

@@ -5,7 +5,9 @@ that every caller agrees on them. Reading a spec file is rayft.spec.load's job.
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -13,11 +15,77 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rayft.errors import SpecError
 from rayft.spec.secrets import redact
+from rayft.storage import check_scheme
 
 
 class Section(BaseModel):
     # Unknown keys are errors: a typo like `learning_rat` must not silently train with a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Numbers are finite: `learning_rate: .inf` would "train" to an all-NaN model.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# transformers' names (SchedulerType, OptimizerNames), stated here so that the spec needs no
+# transformers import; tests/test_spec.py checks them against the installed transformers.
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "adamw_anyprecision",
+    "adamw_torch_4bit",
+    "adamw_torch_8bit",
+    "ademamix",
+    "sgd",
+    "adagrad",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "ademamix_8bit",
+    "lion_8bit",
+    "lion_32bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "paged_ademamix_32bit",
+    "paged_ademamix_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+    "rmsprop",
+    "rmsprop_bnb",
+    "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit",
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "galore_adafactor",
+    "lomo",
+    "adalomo",
+    "grokadamw",
+    "schedule_free_radam",
+    "schedule_free_adamw",
+    "schedule_free_sgd",
+    "apollo_adamw",
+    "stable_adamw",
+)
+# A run name becomes a directory (and Kubernetes and W&B names): one path component, no `.`/`..`.
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def one_of(value: str, known: tuple[str, ...], what: str) -> str:
+    if value not in known:
+        close = difflib.get_close_matches(value, known, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown {what} {value!r}; {hint}known: {', '.join(known)}")
+    return value
 
 
 # ----------------------------------------------------------------------------------- model
@@ -95,10 +163,15 @@ class FilterSpec(Section):
     drop_refusals: bool = Field(False, description="Drop replies that are canned refusals ('As an AI language model').")
 
 
+DEFAULT_EVAL_FRACTION = 0.05
+
+
 class DataSpec(Section):
     train: list[SourceSpec]
     eval: list[SourceSpec] | None = None
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Seeded split of train when eval is not given.")
+    eval_fraction: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Seeded split of train held out; default 0.05 when data.eval is not given."
+    )
     format: DataFormat = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
     template: str = Field("auto", description="auto | tokenizer | chatml | llama3 | llama2 | plain | path to .jinja")
@@ -113,6 +186,29 @@ class DataSpec(Section):
     cache_dir: str | None = Field(
         None, description="Where prepared data is kept, shared by runs; default <run.storage_path>/prepared."
     )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_scheme(cls, value: str | None) -> str | None:
+        return check_scheme(value) if value else value
+
+    @model_validator(mode="after")
+    def _one_eval_split(self) -> DataSpec:
+        if self.eval is not None and self.eval_fraction is not None:
+            raise ValueError(
+                "give data.eval (held-out files) or data.eval_fraction (a split of data.train), not "
+                "both: with data.eval the fraction would be ignored"
+            )
+        if not self.train:
+            raise ValueError("data.train names no source: give at least one file, glob or directory")
+        return self
+
+    @property
+    def held_out_fraction(self) -> float:
+        """The share of data.train held out for evaluation: 0 when data.eval names eval files."""
+        if self.eval is not None:
+            return 0.0
+        return DEFAULT_EVAL_FRACTION if self.eval_fraction is None else self.eval_fraction
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -142,6 +238,16 @@ class TrainSpec(Section):
     log_every: int = Field(10, ge=1)
     eval_every: int | None = Field(None, ge=1, description="Steps between evaluations; default: once per save.")
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints; default: once per epoch.")
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        return one_of(value, LR_SCHEDULERS, "learning-rate scheduler")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        return one_of(value, OPTIMIZERS, "optimizer")
 
     @model_validator(mode="before")
     @classmethod
@@ -173,9 +279,20 @@ class RunSpec(Section):
     storage_path: str = Field("./runs", description="Local/NFS path or s3:// gs:// URI shared by all nodes.")
     checkpoints_to_keep: int = Field(2, ge=1)
 
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, value: str | None) -> str | None:
+        if value is not None and not RUN_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a run name: use letters, digits, '.', '_' and '-', starting with a "
+                "letter or digit (it names the run's directory: no '/', '.' or '..')"
+            )
+        return value
+
     @field_validator("storage_path")
     @classmethod
     def _plain_uri(cls, value: str) -> str:
+        check_scheme(value)
         if "?" in value:
             raise ValueError(
                 "no query parameters in the URI: set the endpoint and region in the environment "
@@ -259,6 +376,35 @@ class TuneSpec(Section):
 
 
 # ------------------------------------------------------------------------------- the spec
+def field_path_problem(model: type[BaseModel], parts: list[str]) -> str | None:
+    """Why a dotted path (data.train.0.weight) names no field of `model`, or None if it does."""
+    current: Any = model
+    for depth, part in enumerate(parts):
+        if part.isdigit() and getattr(current, "__origin__", None) is list:
+            current = _container(current.__args__[0])
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            known = list(fields or {})
+            close = difflib.get_close_matches(part, known, n=1)
+            where = ".".join(parts[:depth]) or "the spec"
+            return (
+                f"names no field: {where} has no {part!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                if fields is not None
+                else f"goes below {where}, which is a value"
+            )
+        current = _container(fields[part].annotation)
+    return None
+
+
+def _container(annotation: Any) -> Any:
+    """What a field's annotation holds further fields in: a list type, a section, or itself."""
+    options = [annotation, *getattr(annotation, "__args__", ())]
+    lists = [o for o in options if getattr(o, "__origin__", None) is list]
+    sections = [o for o in options if isinstance(o, type) and issubclass(o, BaseModel)]
+    return (lists or sections or [annotation])[0]
+
+
 class JobSpec(Section):
     model: ModelSpec
     method: MethodSpec = Field(default_factory=MethodSpec)
@@ -274,7 +420,15 @@ class JobSpec(Section):
     def _consistent(self) -> JobSpec:
         self._check_batch()
         self._check_method()
+        self._check_sweep_paths()
         return self
+
+    def _check_sweep_paths(self) -> None:
+        """Every swept path names a field: a typo would make every trial fail."""
+        for path in self.tune.search_space if self.tune else {}:
+            problem = field_path_problem(type(self), path.split("."))
+            if problem:
+                raise ValueError(f"tune.search_space: {path!r} {problem}")
 
     def _check_batch(self) -> None:
         per_step = self.train.micro_batch_size * self.scaling.num_workers

@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 
 from rayft import storage
-from rayft.env import Target, env_values
+from rayft.env import Target, runtime_env
 from rayft.errors import RayftError, user_error_in
-from rayft.rundir import storage_root
+from rayft.rundir import delete_for_fresh_start, mark, storage_root
 from rayft.spec import JobSpec
 from rayft.train.result import RunSummary
 from rayft.train.run import RunPlan, Trial, plan_run
@@ -65,7 +65,7 @@ def fit(
         run_dir=plan.run_dir.path,
         base_model_dir=plan.model_dir,
         prepared=plan.prepared.root,
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        checkpoint=storage.with_scheme(plan.run_dir.path, result.checkpoint.path) if result.checkpoint else None,
         startup_seconds=services.first_step_at - started,
         total_seconds=time.time() - started,
         wandb=services.wandb,
@@ -77,9 +77,10 @@ def fit(
 def _begin(plan: RunPlan, log: Log) -> None:
     spec, run_dir = plan.spec, plan.run_dir
     if plan.fresh:
-        storage.delete_dir(run_dir.path)
+        delete_for_fresh_start(run_dir.path)
     elif plan.resume_from:
         log(f"train: resuming {spec.run_name} from {plan.resume_from} (--fresh starts over)")
+    mark(run_dir.path)
     storage.write_text(run_dir.spec, yaml.safe_dump(spec.to_dict(), sort_keys=False))
     log(
         f"train: {spec.scaling.num_workers} worker(s), global batch {spec.train.global_batch_size} = "
@@ -113,16 +114,18 @@ def run_config(plan: RunPlan, callbacks: list[Any] | None = None) -> Any:
     spec = plan.spec
     # Keeping the best checkpoints by eval_loss needs an evaluation; without one, the latest.
     metric = spec.run.checkpoint_metric if plan.has_eval or spec.run.checkpoint_metric != "eval_loss" else None
+    root, filesystem = storage.for_ray(str(storage_root(spec)))
     return RunConfig(
         name=spec.run_name,
-        storage_path=str(storage_root(spec)),
+        storage_path=root,
+        storage_filesystem=filesystem,
         checkpoint_config=CheckpointConfig(
             num_to_keep=spec.run.checkpoints_to_keep,
             checkpoint_score_attribute=metric,
             checkpoint_score_order=spec.run.checkpoint_mode,
         ),
         failure_config=FailureConfig(max_failures=spec.run.max_failures),
-        worker_runtime_env={"env_vars": env_values(spec, Target.WORKERS)},
+        worker_runtime_env=runtime_env(spec, Target.WORKERS) or {},
         callbacks=callbacks or None,
     )
 

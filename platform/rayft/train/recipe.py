@@ -22,6 +22,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from rayft import storage
 from rayft.data.prepared import load_split
+from rayft.env import adopt_secrets
 from rayft.model import load_model, load_tokenizer, materialized_dir
 from rayft.model.trained import merge_adapter
 from rayft.quiet import quiet_worker
@@ -71,6 +72,7 @@ class SFTRecipe:
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         spec, plan = self.spec, self.plan
+        adopt_secrets(self.services.secrets)  # before anything reads storage or a hub
         quiet_worker()
         if not spec.scaling.use_gpu:
             torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))

@@ -26,6 +26,7 @@ from rayft.model import load_tokenizer, materialized_dir
 from rayft.rundir import RunDir
 from rayft.spec import JobSpec, StepPlan
 from rayft.spec.yamlfile import differences
+from rayft.train.preflight import preflight
 from rayft.train.resources import capacity_wait
 
 Log = Callable[[str], None]
@@ -74,6 +75,7 @@ def plan_run(
     run directory holding checkpoints of the same model, method and data is continued (another
     one is an error naming what changed)."""
     started_at = time.time()
+    preflight(spec)  # files, template, storage: what can fail without Ray fails now
     waiting = capacity_wait(spec)  # a job that can never fit fails before anything starts
     run_dir = RunDir.of(spec)
     resume_from = latest_checkpoint(run_dir) if resume and not fresh else None

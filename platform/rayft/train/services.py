@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 
+from rayft.env import share_secrets
 from rayft.train.progress import ProgressBoardActor, ProgressPrinter
 from rayft.train.run import RunPlan
 from rayft.train.tracking import run_settings, start_tracker
@@ -22,6 +23,7 @@ class WorkerServices:
 
     board: Any
     tracker: Any | None
+    secrets: Any | None  # rayft.env.share_secrets: None where workers inherit the driver's environment
 
 
 class RunServices:
@@ -36,6 +38,7 @@ class RunServices:
         self.plan, self.log = plan, log
         self.owned = tracker is None
         self.tracker = start_tracker(plan.spec, tracker)
+        self.secrets = share_secrets(plan.spec)
         self.wandb: str | None = None
         self.started = time.time()
 
@@ -43,13 +46,14 @@ class RunServices:
         self.board = ProgressBoardActor.remote()
         notices = {}
         if self.tracker is not None:
-            notices[self.tracker.start.remote(self.plan.tracker_key, run_settings(self.plan))] = "wandb"
+            started = self.tracker.start.remote(self.plan.tracker_key, run_settings(self.plan), self.secrets)
+            notices[started] = "wandb"
         self.printer = ProgressPrinter(self.board, self.log, waiting=self.plan.waiting, notices=notices).__enter__()
         return self
 
     @property
     def for_workers(self) -> WorkerServices:
-        return WorkerServices(self.board, self.tracker)
+        return WorkerServices(self.board, self.tracker, self.secrets)
 
     @property
     def first_step_at(self) -> float:

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import ray
 from transformers import TrainerCallback
 
-from rayft.env import Target, runtime_env
+from rayft.env import Target, adopt_secrets, runtime_env
 from rayft.spec import JobSpec
-from rayft.spec.secrets import redact
+from rayft.spec.secrets import redact, redact_text
 
 if TYPE_CHECKING:
     from rayft.train.run import RunPlan
@@ -52,22 +52,33 @@ def run_id(run_dir: str, trial: str | None) -> str:
 
 
 def run_settings(plan: RunPlan) -> dict[str, Any]:
-    """What `wandb.init` gets: the resolved spec with secrets stripped, grouping, identity."""
+    """What `wandb.init` gets: the resolved spec, grouping, identity; every string redacted as
+    the saved spec is (a secret pasted into a tag or a group never reaches W&B)."""
     spec, trial = plan.spec, plan.trial
-    settings = spec.tracking.wandb
     config = spec.to_dict()
     if trial and trial.params:
-        config["trial_params"] = redact(trial.params)
+        config["trial_params"] = trial.params
+    names = spec.run.forward_env
+    return {
+        **{
+            key: redact(value) if not isinstance(value, str) else redact_text(value, names)
+            for key, value in _wandb_identity(plan).items()
+        },
+        "dir": wandb_dir(plan),
+        "mode": wandb_mode(spec),
+        "config": redact(config),
+        "id": run_id(plan.run_dir.path, trial.name if trial else None),
+    }
+
+
+def _wandb_identity(plan: RunPlan) -> dict[str, Any]:
+    spec, trial, settings = plan.spec, plan.trial, plan.spec.tracking.wandb
     return {
         "project": settings.project,
         "entity": settings.entity,
         "name": trial.name if trial else spec.run_name,
         "group": (trial.group if trial else None) or settings.group,
         "tags": settings.tags or None,
-        "dir": wandb_dir(plan),
-        "mode": wandb_mode(spec),
-        "config": config,
-        "id": run_id(plan.run_dir.path, trial.name if trial else None),
     }
 
 
@@ -79,9 +90,10 @@ class Tracker:
         # Training does not wait for `start`; a worker's log that overtakes it waits here.
         self.early: dict[str, list[tuple[dict[str, Any], int]]] = {}
 
-    def start(self, key: str, settings: dict[str, Any]) -> str:
+    def start(self, key: str, settings: dict[str, Any], secrets: Any = None) -> str:
         import wandb
 
+        adopt_secrets(secrets)  # WANDB_API_KEY, where this actor does not inherit it
         if key not in self.runs:
             os.makedirs(settings["dir"], exist_ok=True)
             self.runs[key] = wandb.init(

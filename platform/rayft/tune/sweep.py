@@ -19,12 +19,14 @@ import yaml
 
 from rayft import storage
 from rayft.data.prepare import prepare
+from rayft.env import adopt_secrets, share_secrets
 from rayft.errors import user_error_in
 from rayft.model import load_tokenizer, materialized_dir
-from rayft.rundir import prepared_base, storage_root
+from rayft.rundir import SWEEP_MARKER, delete_for_fresh_start, mark, prepared_base, storage_root
 from rayft.spec import JobSpec, validate_spec
 from rayft.spec.yamlfile import Origins, apply_override
 from rayft.train.driver import train
+from rayft.train.preflight import preflight
 from rayft.train.run import Trial
 from rayft.train.tracking import start_tracker
 from rayft.tune.plots import plot_sweep
@@ -72,12 +74,22 @@ class SweepResult:
 
 
 def run_trial(
-    config: dict[str, Any], *, base: dict[str, Any], sweep: str, trial_storage: str, prepared: str, tracker: Any
+    config: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    sweep: str,
+    trial_storage: str,
+    prepared: str,
+    tracker: Any,
+    secrets: Any,
 ) -> None:
-    """One trial: a TorchTrainer over `scaling.num_workers` workers, reporting to Tune."""
+    """One trial: a TorchTrainer over `scaling.num_workers` workers, reporting to Tune. The
+    trial runs in a Ray process of its own: it takes the sweep driver's secrets first, and
+    shares them on with its workers."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    adopt_secrets(secrets)
     name = tune.get_context().get_trial_name()
     params = config[PARAMS]
     spec = trial_spec(base, params, sweep=sweep, trial=name, trial_storage=trial_storage, prepared=prepared)
@@ -86,10 +98,12 @@ def run_trial(
 
 def sweep(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = print) -> SweepResult:
     tune_spec = spec.sweep  # a SpecError without a search space, before anything starts
+    preflight(spec)
     started = time.time()
     directory = str(storage_root(spec).join(spec.run_name))
     if fresh:
-        storage.delete_dir(directory)
+        delete_for_fresh_start(directory, SWEEP_MARKER)
+    mark(directory, SWEEP_MARKER)
     _prepare_variants(spec, log)
     # The sweep's driver owns the W&B runs: a trial stopped early is killed, its run is not.
     tracker = start_tracker(spec)
@@ -149,12 +163,18 @@ def _tuner(spec: JobSpec, directory: str, tracker: Any, log: Callable[[str], Non
             trial_storage=f"{directory}/trials",
             prepared=str(prepared_base(spec)),
             tracker=tracker,
+            secrets=share_secrets(spec),
         ),
         TRIAL_DRIVER_RESOURCES,
     )
-    if tune.Tuner.can_restore(directory):
+    root, filesystem = storage.for_ray(str(storage_root(spec)))
+    experiment = f"{root}/{name}" if filesystem is not None else directory
+    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log(f"tune: resuming sweep {name} from {directory} (--fresh starts over)")
-        return tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=False), True
+        restored = tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=filesystem
+        )
+        return restored, True
     concurrency = spec.sweep.max_concurrent_trials or default_concurrency(spec)
     log(
         f"tune: {spec.sweep.num_samples} sample(s) of {len(spec.sweep.search_space)} parameter(s), "
@@ -175,7 +195,8 @@ def _tuner(spec: JobSpec, directory: str, tracker: Any, log: Callable[[str], Non
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(storage_root(spec)),
+            storage_path=root,
+            storage_filesystem=filesystem,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
