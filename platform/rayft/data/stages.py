@@ -22,7 +22,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from rayft.data.formats import detect_format, to_sample
-from rayft.data.packing import pack_best_fit
+from rayft.data.packing import pack
 from rayft.data.quality import content_hash, drop_reason
 from rayft.data.sources import Chunk, read_chunk
 from rayft.data.templates import ChatTemplate
@@ -287,7 +287,7 @@ def bound_encoder(spec: Any, model_dir: str, template: ChatTemplate | None, ledg
 
 
 def pack_rows(batch: pa.Table, max_length: int) -> pa.Table:
-    """Best-fit-decreasing packing of the train rows of a window; eval rows pass unchanged."""
+    """Packing of the train rows of a window (rayft.data.packing.pack); eval rows pass unchanged."""
     rows = batch.to_pylist()
     train = [row for row in rows if row["split"] == "train"]
     out: dict[str, list] = {name: [] for name in TOKENS_SCHEMA.names}
@@ -295,7 +295,7 @@ def pack_rows(batch: pa.Table, max_length: int) -> pa.Table:
         if row["split"] != "train":
             for name in TOKENS_SCHEMA.names:
                 out[name].append(row[name])
-    for bin_rows in pack_best_fit([row["n_tokens"] for row in train], max_length):
+    for bin_rows in pack([row["n_tokens"] for row in train], max_length):
         members = [train[i] for i in sorted(bin_rows)]  # keep the original order inside a pack
         out["split"].append("train")
         out["input_ids"].append([t for m in members for t in m["input_ids"]])
