@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Optional
 from rich.console import Console
 from rich.table import Table
 
+from rayft.train.result import wall_time_line
+
 if TYPE_CHECKING:  # the types only: importing them would pull in Ray Train and Tune
     from rayft.eval.compare import Comparison
     from rayft.eval.report import Report
@@ -34,11 +36,7 @@ def print_summary(summary: RunSummary) -> None:
         ),
         ("tokens", f"{summary.tokens:,} ({summary.trained_tokens:,} trained)"),
         ("throughput", f"{summary.tokens_per_second:,.0f} tokens/s"),
-        (
-            "wall time",
-            f"{summary.total_seconds:.0f}s = {summary.startup_seconds:.0f}s start-up + "
-            f"{summary.train_seconds:.0f}s training + {summary.saving_seconds:.0f}s saving",
-        ),
+        ("wall time", wall_time_line(summary.to_dict())),
         ("checkpoint", summary.checkpoint or "-"),
         ("model", summary.model_dir or "-"),
     ]

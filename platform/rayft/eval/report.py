@@ -27,6 +27,7 @@ from rayft import storage
 from rayft.errors import RunNotFound
 from rayft.eval.figures import OVERFIT_WINDOW, Curves, Point, figures, finite
 from rayft.rundir import HF_CHECKPOINT, RunDir
+from rayft.train.result import wall_time_line
 
 OVERFIT_MIN_RISE = 0.01  # relative rise of the eval loss over the window
 SAMPLE_ROWS = 12  # held-out answers shown in the report
@@ -190,11 +191,7 @@ def _summary_rows(summary: dict[str, Any]) -> list[list[str]]:
         ],
         ["tokens", f"{summary.get('tokens', 0):,} ({summary.get('trained_tokens', 0):,} trained)"],
         ["throughput", f"{summary.get('tokens_per_second', 0):,.0f} tokens/s"],
-        [
-            "wall time",
-            f"{summary.get('total_seconds', 0):.0f} s ({summary.get('startup_seconds', 0):.0f} s start-up, "
-            f"{summary.get('train_seconds', 0):.0f} s training)",
-        ],
+        ["wall time", wall_time_line(summary)],
         ["base model", f"`{summary.get('base_model_dir') or '-'}`"],
         ["tuned model", f"`{summary.get('model_dir') or '-'}`"],
         ["checkpoint", f"`{summary.get('checkpoint') or '-'}`"],

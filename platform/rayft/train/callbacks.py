@@ -72,6 +72,27 @@ class TokenMeter(TrainerCallback):
             logs["tokens_per_second"] = rate
 
 
+class LogAtCheckpoints(TrainerCallback):
+    """Logs the train loss at every checkpoint and at the last step too (besides every
+    train.log_every steps), so the log history in each checkpoint covers every step before it:
+    the run's train loss then means the same after a resume as without one (run_train_loss)."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step % args.save_steps == 0 or state.global_step >= state.max_steps:
+            control.should_log = True
+
+
+def run_train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """The mean train loss over every optimizer step the log history covers: each logged loss
+    is the mean over the steps since the log before it."""
+    total = steps = previous = 0.0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry and entry["step"] > previous:
+            span = entry["step"] - previous
+            total, steps, previous = total + entry["loss"] * span, steps + span, entry["step"]
+    return total / steps if steps else None
+
+
 def post(board: Any, rank: int, **fields: Any) -> None:
     """Send progress to the driver's board (rank 0 only; fire and forget)."""
     if board is not None and rank == 0:
@@ -82,10 +103,13 @@ class CheckpointReporter(RayTrainReportCallback):
     """Ray's callback, with checkpoints named by step (`checkpoint_000040`) and the step in the
     metrics, so a user can find and compare them in storage."""
 
+    seconds = 0.0  # spent copying and uploading checkpoints, for the run summary
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         import ray.train
         import transformers.trainer
 
+        started = time.time()
         metrics: dict[str, Any] = {}
         for log in state.log_history:
             metrics.update(log)
@@ -99,6 +123,7 @@ class CheckpointReporter(RayTrainReportCallback):
             ray.train.report(
                 metrics=metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.global_step)
             )
+        self.seconds += time.time() - started
 
 
 class ProgressReporter(TrainerCallback):

@@ -53,7 +53,7 @@ def fit(
             train_loop_per_worker,
             train_loop_config={"plan": plan, "services": services.for_workers},
             scaling_config=scaling_config(plan.spec),
-            run_config=run_config(plan, callbacks),
+            run_config=run_config(plan, [services.failure_notes(), *(callbacks or [])]),
         )
         try:
             result = trainer.fit()
@@ -61,13 +61,14 @@ def fit(
             raise (user_error_in(exc) or _training_failed(exc)) from None
     summary = RunSummary.of(
         result.return_value,
+        services.attempts,
         name=plan.spec.run_name,
         run_dir=plan.run_dir.path,
         base_model_dir=plan.model_dir,
         prepared=plan.prepared.root,
         checkpoint=storage.with_scheme(plan.run_dir.path, result.checkpoint.path) if result.checkpoint else None,
-        startup_seconds=services.first_step_at - started,
-        total_seconds=time.time() - started,
+        started=started,
+        finished=time.time(),
         wandb=services.wandb,
     )
     storage.write_json(plan.run_dir.summary, summary.to_dict())

@@ -12,16 +12,46 @@ import ray
 
 
 class ProgressBoard:
+    """The latest progress fields, and the run's attempts: each start of the worker group (the
+    first, and every restart after a failure) with when it began, when its first step came and
+    when it was last heard from; the summary's start-up and recovery times come from these."""
+
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
         self.version = 0
+        self.attempts: list[dict[str, Any]] = []
+        self.notes: list[str] = []  # said once each: restarts and why
 
     def update(self, fields: dict[str, Any]) -> None:
+        now = time.time()
+        if fields.get("phase") == "loading model":
+            self.attempts.append(
+                {
+                    "started": now,
+                    "first_step": None,
+                    "last": now,
+                    "workers": fields.get("workers"),
+                    "resumed_from_step": None,
+                }
+            )
+        elif self.attempts:
+            attempt = self.attempts[-1]
+            attempt["last"] = now
+            if fields.get("phase") == "training" and attempt["first_step"] is None:
+                attempt["first_step"] = now
+                attempt["resumed_from_step"] = fields.get("resumed_from_step")
         self.state.update(fields)
         self.version += 1
 
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.version += 1
+
     def read(self) -> tuple[int, dict[str, Any]]:
-        return self.version, dict(self.state)
+        return self.version, {**self.state, "notes": list(self.notes)}
+
+    def history(self) -> list[dict[str, Any]]:
+        return [dict(attempt) for attempt in self.attempts]
 
 
 ProgressBoardActor = ray.remote(num_cpus=0)(ProgressBoard)
@@ -70,6 +100,7 @@ class ProgressPrinter:
         self.notices = dict(notices or {})
         self.done = threading.Event()
         self.first_step_at: float | None = None
+        self.notes_seen = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> ProgressPrinter:
@@ -102,6 +133,10 @@ class ProgressPrinter:
                 continue
             if state.get("phase") == "training" and self.first_step_at is None:
                 self.first_step_at = time.time()
+            notes = state.pop("notes", [])
+            for note in notes[self.notes_seen :]:
+                self.log(f"train: {note}")
+            self.notes_seen = len(notes)
             if version != seen:
                 seen, line = version, describe(state)
                 if line != last_line:

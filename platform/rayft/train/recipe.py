@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -76,7 +77,9 @@ class SFTRecipe:
         quiet_worker()
         if not spec.scaling.use_gpu:
             torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
-        callbacks.post(self.services.board, self.rank, phase="loading model")
+        callbacks.post(
+            self.services.board, self.rank, phase="loading model", workers=ray.train.get_context().get_world_size()
+        )
         model_dir = materialized_dir(spec)  # this node's copy (a GGUF converted here if it has none)
         set_seed(spec.train.seed)  # before the model: LoRA weights are initialized from it
         tokenizer = load_tokenizer(spec, model_dir)
@@ -94,7 +97,9 @@ class SFTRecipe:
         collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=spec.data.packing)
         self.trainer = MeteredSFTTrainer(
             model=model,
-            args=sft_config(spec, self.scratch, has_eval=eval_data is not None, steps=plan.steps),
+            args=sft_config(
+                spec, self.scratch, has_eval=eval_data is not None, steps=plan.steps, precision=plan.precision
+            ),
             train_dataset=train_data,
             eval_dataset=eval_data,
             processing_class=tokenizer,
@@ -108,11 +113,13 @@ class SFTRecipe:
     def _add_callbacks(self, samples: callbacks.SampleLog | None) -> None:
         trainer, plan = self.trainer, self.plan
         trainer.add_callback(self.meter)  # first: the callbacks below read its tokens/s
+        trainer.add_callback(callbacks.LogAtCheckpoints())  # the run's train loss covers every step
         if samples:
             trainer.add_callback(samples)
         if os.environ.get(STEP_SECONDS_HOOK):
             trainer.add_callback(callbacks.StepThrottle(float(os.environ[STEP_SECONDS_HOOK])))
-        trainer.add_callback(callbacks.CheckpointReporter())
+        self.reporter = callbacks.CheckpointReporter()
+        trainer.add_callback(self.reporter)
         self.timeline = self.tracked = None
         if self.rank == 0:
             trainer.add_callback(callbacks.ProgressReporter(self.services.board, self.meter))
@@ -132,18 +139,24 @@ class SFTRecipe:
     # ------------------------------------------------------------------------------ finish
     def finish(self) -> RunResult:
         trainer = self.trainer
-        final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+        final_eval = self._final_evaluation()
         tokens, trained = self.meter.totals()
+        saving = time.time()
+        model_dir = self._save_final()
         result = RunResult(
             steps=trainer.state.global_step,
             epochs=float(trainer.state.epoch or 0),
-            train_loss=self.output.training_loss,
+            train_loss=callbacks.run_train_loss(trainer.state.log_history),
             eval_loss=final_eval.get("eval_loss"),
             tokens=tokens,
             trained_tokens=trained,
             train_seconds=self.train_seconds,
-            model_dir=self._save_final(),
+            eval_seconds=trainer.eval_seconds,
+            checkpoint_seconds=trainer.save_seconds + self.reporter.seconds,
+            save_seconds=time.time() - saving,
+            model_dir=model_dir,
             resumed_from_step=self.resumed_from_step,
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         )
         if self.timeline is not None:
             self.timeline.flush()  # with the final evaluation, logged after on_train_end
@@ -153,6 +166,17 @@ class SFTRecipe:
         ray.train.report({**result.to_dict(), "step": result.steps, "final": True})
         shutil.rmtree(self.scratch, ignore_errors=True)
         return result
+
+    def _final_evaluation(self) -> dict[str, Any]:
+        """The eval metrics of the final weights: the trainer's own evaluation when it ran at the
+        last step (no evaluation runs twice on the same weights), else one now."""
+        trainer = self.trainer
+        if trainer.eval_dataset is None:
+            return {}
+        last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+        if last is not None and last.get("step") == trainer.state.global_step:
+            return last
+        return trainer.evaluate()
 
     def _save_final(self) -> str:
         """The trained model as an HF directory in storage: the adapter for LoRA, else the weights

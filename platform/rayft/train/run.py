@@ -26,6 +26,7 @@ from rayft.model import load_tokenizer, materialized_dir
 from rayft.rundir import RunDir
 from rayft.spec import JobSpec, StepPlan
 from rayft.spec.yamlfile import differences
+from rayft.train.precision import model_width, resolve_precision
 from rayft.train.preflight import preflight
 from rayft.train.resources import capacity_wait
 
@@ -53,6 +54,7 @@ class RunPlan:
     prepared: Prepared  # the data, and the chat template its conversations were rendered with
     steps: StepPlan
     resume_from: str | None  # the Ray checkpoint a rerun continues from (its directory name)
+    precision: str = "fp32"  # method.precision, `auto` decided on this machine (rayft.train.precision)
     fresh: bool = False  # start over: the run directory is cleared before training
     waiting: str | None = None  # what the cluster still lacks, when an autoscaler can add it
     started_at: float = 0.0  # when planning began: the run's wall time counts from here
@@ -83,6 +85,8 @@ def plan_run(
         check_resumable(spec, run_dir, log)
     model_dir = materialized_dir(spec)
     prepared = prepare(spec, load_tokenizer(spec, model_dir), log=log)
+    precision, why = resolve_precision(spec, model_width(model_dir))
+    log(f"train: precision {precision} ({why})")
     return RunPlan(
         spec,
         run_dir,
@@ -90,6 +94,7 @@ def plan_run(
         prepared,
         spec.step_plan(prepared.train_rows),
         resume_from,
+        precision=precision,
         fresh=fresh,
         waiting=waiting,
         started_at=started_at,

@@ -4,17 +4,39 @@ sweep's, which outlives its trials)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.train import UserCallback
 
 from rayft.env import share_secrets
 from rayft.train.progress import ProgressBoardActor, ProgressPrinter
+from rayft.train.result import Attempt
 from rayft.train.run import RunPlan
 from rayft.train.tracking import run_settings, start_tracker
+
+
+class FailureNotes(UserCallback):
+    def __init__(self, board: Any, max_failures: int):
+        self.board, self.max_failures, self.failures = board, max_failures, 0
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        self.failures += 1
+        what = "; ".join(f"rank {rank}: {_first_line(error)}" for rank, error in sorted(worker_exceptions.items()))
+        budget = (
+            "without limit" if self.max_failures < 0 else f"{self.failures} of run.max_failures={self.max_failures}"
+        )
+        if self.max_failures >= 0 and self.failures > self.max_failures:
+            self.board.note.remote(f"worker failure ({what}); no restarts left (run.max_failures={self.max_failures})")
+        else:
+            self.board.note.remote(f"worker failure ({what}); restarting from the last checkpoint ({budget})")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1][:200]}" if lines else type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -40,7 +62,7 @@ class RunServices:
         self.tracker = start_tracker(plan.spec, tracker)
         self.secrets = share_secrets(plan.spec)
         self.wandb: str | None = None
-        self.started = time.time()
+        self.attempts: list[Attempt] = []
 
     def __enter__(self) -> RunServices:
         self.board = ProgressBoardActor.remote()
@@ -55,12 +77,17 @@ class RunServices:
     def for_workers(self) -> WorkerServices:
         return WorkerServices(self.board, self.tracker, self.secrets)
 
-    @property
-    def first_step_at(self) -> float:
-        return self.printer.first_step_at or self.started
+    def failure_notes(self) -> Any:
+        """A Ray Train callback (it runs in the controller) that says on the terminal when the
+        worker group restarts, and why."""
+        return FailureNotes(self.board, self.plan.spec.run.max_failures)
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         self.printer.__exit__(kind, error, traceback)
+        self.attempts = [
+            Attempt(a["workers"], a["started"], a["first_step"], a["last"], a["resumed_from_step"])
+            for a in ray.get(self.board.history.remote())
+        ]
         ray.kill(self.board)
         if self.tracker is None or (error is not None and not self.owned):
             return

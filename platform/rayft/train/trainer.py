@@ -1,11 +1,17 @@
 """TRL's SFTTrainer as rayft drives it: its arguments from the spec, and one subclass that feeds
-every micro-batch to the token meter and the sample log."""
+every micro-batch to the token meter and the sample log, and evaluates as rayft defines the
+held-out loss everywhere."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from transformers.trainer_utils import EvalLoopOutput
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from rayft.spec import JobSpec, StepPlan
 from rayft.train.callbacks import SampleLog, TokenMeter
@@ -19,6 +25,8 @@ class MeteredSFTTrainer(SFTTrainer):
     def __init__(self, *args: Any, meter: TokenMeter, sample_log: SampleLog | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.meter, self.sample_log = meter, sample_log
+        self.eval_seconds = 0.0  # wall time spent evaluating, for the run summary
+        self.save_seconds = 0.0  # ... and writing checkpoints locally (uploads: CheckpointReporter)
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         ids = inputs.pop("sample_ids", None)
@@ -31,15 +39,105 @@ class MeteredSFTTrainer(SFTTrainer):
         inputs.pop("sample_ids", None)
         return super().prediction_step(model, inputs, *args, **kwargs)
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        started = time.time()
+        super()._save_checkpoint(model, trial)  # private in transformers; timed for the summary only
+        self.save_seconds += time.time() - started
 
-def sft_config(spec: JobSpec, output_dir: str, *, has_eval: bool, steps: StepPlan) -> SFTConfig:
-    """The trainer's arguments. The batch is per worker: `train_loop_per_worker`'s docstring
-    says why the global batch stays `train.global_batch_size` at any worker count."""
-    train, precision = spec.train, spec.precision
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """The held-out loss as rayft defines it everywhere (rayft.eval.loss): the mean
+        cross-entropy over every trained token of the split, not a mean of batch means. Each row
+        is scored once over all workers (no even-batches padding), in padding-free batches of
+        as many tokens as a training micro-batch (no activations are kept, so that is safe), through
+        TRL's fused LM head (no full logits)."""
+        started = time.time()
+        nll, tokens, rows = self._token_losses(self.eval_dataset)
+        self.eval_seconds += time.time() - started
+        loss = nll / tokens if tokens else float("nan")
+        return EvalLoopOutput(
+            predictions=None,
+            label_ids=None,
+            num_samples=rows,
+            metrics={f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_tokens": tokens},
+        )
+
+    def _token_losses(self, dataset: Any) -> tuple[float, int, int]:
+        """(summed token losses, trained tokens, rows) over `dataset`, all workers together."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        budget = self.args.per_device_train_batch_size * self.args.max_length  # a training micro-batch's tokens
+        batches = _token_batches(dataset, range(rank, len(dataset), world), budget)
+        # every rank runs as many forwards (ZeRO-3 gathers the weights in each): one short of
+        # batches scores a row of the split with weight 0
+        count = self._all_reduce(torch.tensor([float(len(batches))]), dist.ReduceOp.MAX) if world > 1 else None
+        padding = int(count.item()) - len(batches) if count is not None else 0
+        collate = DataCollatorForLanguageModeling(pad_token_id=self.processing_class.pad_token_id, padding_free=True)
+        totals = torch.zeros(3, dtype=torch.float64)
+        model, was_training = self.model, self.model.training
+        model.eval()
+        with torch.no_grad():
+            for number, rows in enumerate([*batches, *[[0]] * padding]):
+                inputs = collate([{k: dataset[i][k] for k in TOKEN_FIELDS} for i in rows])
+                inputs = {k: v.to(self.args.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+                outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+                if number < len(batches):
+                    totals += torch.tensor(
+                        [float(-outputs.log_probs.double().sum()), float(outputs.label_mask.sum()), float(len(rows))],
+                        dtype=torch.float64,
+                    )
+        model.train(was_training)
+        if world > 1:
+            totals = self._all_reduce(totals, dist.ReduceOp.SUM)
+        nll, tokens, rows = totals.tolist()
+        return nll, int(tokens), int(rows)
+
+    def _all_reduce(self, values: torch.Tensor, op: Any) -> torch.Tensor:
+        device = self.args.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        values = values.to(device)
+        dist.all_reduce(values, op=op)
+        return values.cpu()
+
+
+TOKEN_FIELDS = ("input_ids", "labels", "seq_lengths")
+
+
+def _token_batches(dataset: Any, rows: Any, budget: int) -> list[list[int]]:
+    """`rows` of `dataset` in order, grouped into batches of at most `budget` tokens (a row
+    longer than that alone)."""
+    lengths = dataset.select_columns(["input_ids"])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for row in rows:
+        length = len(lengths[row]["input_ids"])
+        if current and tokens + length > budget:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(row)
+        tokens += length
+    if current:
+        batches.append(current)
+    return batches
+
+
+def sft_config(
+    spec: JobSpec, output_dir: str, *, has_eval: bool, steps: StepPlan, precision: str | None = None
+) -> SFTConfig:
+    """The trainer's arguments. The batch is per worker: SFTRecipe's docstring says why the
+    global batch stays `train.global_batch_size` at any worker count. `precision`: the run
+    plan's (auto decided on the machine); default the spec's."""
+    train, precision = spec.train, precision or spec.precision
     return SFTConfig(
         output_dir=output_dir,
         per_device_train_batch_size=train.micro_batch_size,
-        per_device_eval_batch_size=train.micro_batch_size,
+        per_device_eval_batch_size=train.micro_batch_size,  # rayft's evaluation batches by tokens
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,

@@ -1,0 +1,103 @@
+"""`method.precision: auto`, decided by measuring: bf16 on GPUs, and on CPUs whose bf16 matmul is
+measured faster than fp32 at the model's own width (AMX and AVX512-BF16 CPUs, for models wide
+enough to gain from them); fp32 otherwise. bf16 on CPU is autocast: the weights (and the
+optimizer's master copies) stay fp32, the matmuls run in bf16.
+
+The measurement takes a fraction of a second and is kept per CPU model and width in
+~/.cache/rayft/precision.json, so a run only pays it once per machine kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from rayft.spec import JobSpec
+
+CACHE = Path(os.path.expanduser("~/.cache/rayft/precision.json"))
+MIN_SPEEDUP = 1.3  # below this, bf16's rounding is not worth it
+TOKENS = 256  # rows of the measured matmul: a micro-batch's worth of tokens, roughly
+
+
+def resolve_precision(spec: JobSpec, hidden: int | None) -> tuple[str, str]:
+    """(precision, why) for the run: the spec's choice, or what `auto` picks on this machine."""
+    if spec.method.precision != "auto":
+        return spec.method.precision, "as the spec says"
+    if spec.scaling.use_gpu:
+        return "bf16", "auto: bf16 on GPU"
+    if not hidden:
+        return "fp32", "auto: fp32 (the model's width is unknown)"
+    speedup = bf16_speedup(hidden)
+    if speedup >= MIN_SPEEDUP:
+        return "bf16", f"auto: this CPU's bf16 matmul is {speedup:.1f}x fp32 at width {hidden}"
+    return "fp32", f"auto: fp32 (bf16 matmul {speedup:.1f}x fp32 at width {hidden} on this CPU)"
+
+
+def bf16_speedup(hidden: int) -> float:
+    """fp32 time / bf16 time of a (TOKENS x hidden) @ (hidden x 4 hidden) matmul, one thread."""
+    key = f"{_cpu_name()}|{hidden}"
+    cached = _read_cache()
+    if key in cached:
+        return float(cached[key])
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timings = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(TOKENS, hidden, dtype=dtype), torch.randn(hidden, 4 * hidden, dtype=dtype)
+            for _ in range(3):
+                a @ b
+            runs, started = 0, time.perf_counter()
+            while runs < 5 or time.perf_counter() - started < 0.1:
+                a @ b
+                runs += 1
+            timings[dtype] = (time.perf_counter() - started) / runs
+    finally:
+        torch.set_num_threads(threads)
+    speedup = timings[torch.float32] / timings[torch.bfloat16]
+    _write_cache({**cached, key: round(speedup, 3)})
+    return speedup
+
+
+def model_width(model_dir: str) -> int | None:
+    """hidden_size from the model directory's config.json (None for a hub id or no config)."""
+    path = Path(model_dir, "config.json")
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    config = config.get("text_config", config)
+    width = config.get("hidden_size")
+    return int(width) if isinstance(width, int) else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _read_cache() -> dict[str, float]:
+    try:
+        return json.loads(CACHE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(values: dict[str, float]) -> None:
+    try:
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        staging = CACHE.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(values, indent=1))
+        staging.replace(CACHE)
+    except OSError:  # a read-only home: measure again next time
+        pass
