@@ -106,7 +106,7 @@ def test_a_submitted_job_gets_its_secrets_sealed(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("WANDB_MODE", raising=False)
     spec = load_spec(data=base(data))
     sealed = submit.seal(submit.secrets(spec, submit.Target.JOB), submit.ray_auth_token())
-    env = submit.runtime_env(spec, Path("."), sealed)
+    env = submit.runtime_env(spec, Path("."), "http://127.0.0.1:8265", sealed)
     recorded = json.dumps(env).encode()
     assert not any(form in recorded for form in secret_forms(SECRET))
     # inside the job: unsealed into the environment, the sealed copy gone

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 from rayft.env import STORAGE_ENV, processes_inherit_environment
@@ -13,16 +14,26 @@ from rayft.quiet import quiet_driver, quiet_env
 from rayft.spec.secrets import is_secret_name
 
 
-def job_env() -> dict:
-    """Object-storage settings of this environment (endpoints, regions; never credentials,
-    which rayft.env shares without Ray recording them), for every process of the job. Inside a
-    submitted job the job's own environment already has them, and Ray refuses a ray.init that
-    sets the same keys again."""
+def job_env(address: str) -> dict:
+    """For every process of the job: object-storage settings of this environment (endpoints,
+    regions; never credentials, which rayft.env shares without Ray recording them), and the
+    cluster's address. Ray's own helpers in the job's processes (Ray Train's placement-group
+    cleaner, which frees the CPUs of a sweep trial stopped early) look the cluster up through the
+    State API, and without an address they guess: with a second Ray on the machine (a
+    developer's `ray start`) they guess wrong, and those CPUs stay reserved. Inside a submitted
+    job its own environment has all this already (`rayft submit` sets it), and Ray refuses a
+    ray.init that sets the same keys again."""
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         return {}
     names = [name for group in STORAGE_ENV.values() for name in group if not is_secret_name(name)]
     env_vars = {name: os.environ[name] for name in names if name in os.environ}
-    return {"env_vars": env_vars} if env_vars else {}
+    return {"env_vars": {**env_vars, "RAY_ADDRESS": address}}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def ray_auth_token() -> str | None:
@@ -59,7 +70,7 @@ def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int 
             ray.init(
                 address=address,
                 log_to_driver=verbose,
-                runtime_env={"py_modules": [package], **job_env()},
+                runtime_env={"py_modules": [package], **job_env(address)},
                 logging_level=logging.ERROR if not verbose else logging.INFO,
             )
             where = f"Ray cluster at {address}"
@@ -68,11 +79,15 @@ def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int 
             # this machine (ray.init would otherwise join that one). With the dashboard: it serves
             # the State API, which Ray Train's placement-group cleaner needs to release a worker
             # group whose controller died (a sweep trial stopped early); without it those CPUs stay
-            # reserved and the next trial never starts.
+            # reserved and the next trial never starts. Its address goes to every process (they
+            # inherit this environment), so that the cleaner asks this instance, not another.
+            dashboard = free_port()
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
             ray.init(
                 address="local",
                 num_cpus=num_cpus or os.cpu_count(),
                 include_dashboard=True,
+                dashboard_port=dashboard,
                 dashboard_host="127.0.0.1",
                 log_to_driver=verbose,
                 logging_level=logging.ERROR if not verbose else logging.INFO,

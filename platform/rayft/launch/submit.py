@@ -68,12 +68,13 @@ def entrypoint(
     return " ".join(shlex.quote(part) for part in parts)
 
 
-def runtime_env(spec: JobSpec, working_dir: Path, sealed: str | None = None) -> dict[str, Any]:
-    """The job's runtime environment: the working directory and the settings it needs. Ray
-    records it (`ray job list`, the dashboard show it), so secrets are in it only sealed."""
+def runtime_env(spec: JobSpec, working_dir: Path, address: str, sealed: str | None = None) -> dict[str, Any]:
+    """The job's runtime environment: the working directory, the settings it needs, and the
+    cluster's job-server address (rayft.launch.cluster.job_env says why its processes need it).
+    Ray records it (`ray job list`, the dashboard show it), so secrets are in it only sealed."""
     env_file = working_dir / RUNTIME_ENV_FILE
     base = yaml.safe_load(env_file.read_text()) if env_file.is_file() else {}
-    env_vars = {**base.get("env_vars", {}), **settings(spec, Target.JOB)}
+    env_vars = {**base.get("env_vars", {}), **settings(spec, Target.JOB), "RAY_API_SERVER_ADDRESS": address}
     if sealed:
         env_vars[SEALED_SECRETS] = sealed
     return {"working_dir": str(working_dir), "excludes": base.get("excludes", []), "env_vars": env_vars}
@@ -130,7 +131,9 @@ def submit(
         )
     sealed = seal(values, token) if values and token else None
     job_id = jobs.submit_job(
-        entrypoint=command, runtime_env=runtime_env(spec, working_dir, sealed), metadata={"rayft_run": spec.run_name}
+        entrypoint=command,
+        runtime_env=runtime_env(spec, working_dir, jobs.get_address(), sealed),
+        metadata={"rayft_run": spec.run_name},
     )
     passed = sorted(values) if sealed else []
     log(
