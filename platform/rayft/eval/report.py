@@ -187,7 +187,7 @@ def _summary_rows(summary: dict[str, Any]) -> list[list[str]]:
         [
             "steps",
             f"{summary.get('steps', '-')}"
-            + (f" (resumed from {summary['resumed_from_step']})" if summary.get("resumed_from_step") else ""),
+            + (f" (resumed from step {summary['resumed_from_step']})" if summary.get("resumed_from_step") else ""),
         ],
         ["tokens", f"{summary.get('tokens', 0):,} ({summary.get('trained_tokens', 0):,} trained)"],
         ["throughput", f"{summary.get('tokens_per_second', 0):,.0f} tokens/s"],
