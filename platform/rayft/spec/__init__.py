@@ -4,6 +4,7 @@ Imports nothing of rayft's but errors, so workers and tools read a spec without 
 """
 
 from rayft.spec.load import load_spec, validate_spec
+from rayft.spec.paths import anchored
 from rayft.spec.schema import (
     DataSpec,
     EvalSpec,
@@ -32,6 +33,7 @@ __all__ = [
     "StepPlan",
     "TrainSpec",
     "TuneSpec",
+    "anchored",
     "load_spec",
     "validate_spec",
 ]

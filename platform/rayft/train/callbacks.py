@@ -11,6 +11,7 @@ import tempfile
 import time
 from typing import Any
 
+import ray
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
 
@@ -244,3 +245,28 @@ class StepThrottle(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         time.sleep(self.seconds)
+
+
+class MetricsToTracker(TrainerCallback):
+    """Rank 0: every trainer log goes to the run's tracker (fire and forget: training does not
+    wait for W&B); `flush` waits until all of them have arrived."""
+
+    def __init__(self, tracker: Any, key: str):
+        self.tracker, self.key = tracker, key
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not logs:
+            return
+        values = {_metric_name(k): v for k, v in logs.items() if isinstance(v, (int, float))}
+        values["train/epoch"] = state.epoch or 0
+        self.tracker.log.remote(self.key, values, state.global_step)
+
+    def flush(self, summary: dict[str, Any]) -> None:
+        # Calls from one process run in order: once this returns, every log above has landed.
+        ray.get(self.tracker.summarize.remote(self.key, summary))
+
+
+def _metric_name(key: str) -> str:
+    if key.startswith("eval_"):
+        return f"eval/{key[5:]}"
+    return key if "/" in key else f"train/{key}"

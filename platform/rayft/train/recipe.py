@@ -34,7 +34,6 @@ from rayft.train.deepspeed_ops import load_ops, ops_needed
 from rayft.train.result import RunResult
 from rayft.train.run import RunPlan
 from rayft.train.services import WorkerServices
-from rayft.train.tracking import MetricsToTracker
 from rayft.train.trainer import MeteredSFTTrainer, sft_config
 
 STEP_SECONDS_HOOK = "RAYFT_TEST_STEP_SECONDS"  # test hook: sleep after each step (CONTRIBUTING.md)
@@ -126,7 +125,7 @@ class SFTRecipe:
             self.timeline = callbacks.MetricsTimeline(plan.run_dir, self.meter, self.resumed_from_step)
             trainer.add_callback(self.timeline)
             if self.services.tracker is not None:
-                self.tracked = MetricsToTracker(self.services.tracker, plan.tracker_key)
+                self.tracked = callbacks.MetricsToTracker(self.services.tracker, plan.tracker_key)
                 trainer.add_callback(self.tracked)
 
     # ------------------------------------------------------------------------------- train

@@ -24,7 +24,7 @@ from rayft.data.prepared import Prepared
 from rayft.errors import SpecError
 from rayft.model import load_tokenizer, materialized_dir
 from rayft.rundir import RunDir
-from rayft.spec import JobSpec, StepPlan
+from rayft.spec import JobSpec, StepPlan, anchored
 from rayft.spec.yamlfile import differences
 from rayft.train.precision import model_width, resolve_precision
 from rayft.train.preflight import preflight
@@ -77,6 +77,7 @@ def plan_run(
     run directory holding checkpoints of the same model, method and data is continued (another
     one is an error naming what changed)."""
     started_at = time.time()
+    spec = anchored(spec)  # workers run elsewhere: relative paths mean relative to here
     preflight(spec)  # files, template, storage: what can fail without Ray fails now
     waiting = capacity_wait(spec)  # a job that can never fit fails before anything starts
     run_dir = RunDir.of(spec)

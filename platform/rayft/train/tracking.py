@@ -17,7 +17,6 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import ray
-from transformers import TrainerCallback
 
 from rayft.env import Target, adopt_secrets, runtime_env
 from rayft.spec import JobSpec
@@ -152,28 +151,3 @@ def start_tracker(spec: JobSpec, tracker: Any | None = None) -> Any | None:
     if tracker is not None:
         return tracker
     return TrackerActor.options(runtime_env=runtime_env(spec, Target.TRACKER)).remote()
-
-
-class MetricsToTracker(TrainerCallback):
-    """Rank 0: every trainer log goes to the run's tracker (fire and forget: training does not
-    wait for W&B); `flush` waits until all of them have arrived."""
-
-    def __init__(self, tracker: Any, key: str):
-        self.tracker, self.key = tracker, key
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if not logs:
-            return
-        values = {_metric_name(k): v for k, v in logs.items() if isinstance(v, (int, float))}
-        values["train/epoch"] = state.epoch or 0
-        self.tracker.log.remote(self.key, values, state.global_step)
-
-    def flush(self, summary: dict[str, Any]) -> None:
-        # Calls from one process run in order: once this returns, every log above has landed.
-        ray.get(self.tracker.summarize.remote(self.key, summary))
-
-
-def _metric_name(key: str) -> str:
-    if key.startswith("eval_"):
-        return f"eval/{key[5:]}"
-    return key if "/" in key else f"train/{key}"

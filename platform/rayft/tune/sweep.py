@@ -23,7 +23,7 @@ from rayft.env import adopt_secrets, share_secrets
 from rayft.errors import user_error_in
 from rayft.model import load_tokenizer, materialized_dir
 from rayft.rundir import SWEEP_MARKER, delete_for_fresh_start, mark, prepared_base, storage_root
-from rayft.spec import JobSpec, validate_spec
+from rayft.spec import JobSpec, anchored, validate_spec
 from rayft.spec.yamlfile import Origins, apply_override
 from rayft.train.driver import train
 from rayft.train.preflight import preflight
@@ -98,6 +98,7 @@ def run_trial(
 
 def sweep(spec: JobSpec, *, fresh: bool = False, log: Callable[[str], None] = print) -> SweepResult:
     tune_spec = spec.sweep  # a SpecError without a search space, before anything starts
+    spec = anchored(spec)  # trials run in directories of their own
     preflight(spec)
     started = time.time()
     directory = str(storage_root(spec).join(spec.run_name))
