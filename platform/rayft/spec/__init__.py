@@ -15,6 +15,7 @@ from rayft.spec.schema import (
     ScalingSpec,
     SourceSpec,
     StepPlan,
+    TrainOnSpec,
     TrainSpec,
     TuneSpec,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "ScalingSpec",
     "SourceSpec",
     "StepPlan",
+    "TrainOnSpec",
     "TrainSpec",
     "TuneSpec",
     "load_spec",
