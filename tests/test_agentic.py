@@ -97,15 +97,22 @@ KINDS: dict[str, dict] = {
 }
 
 # name -> (bos, eos, control tokens of the model's tokenizer, added tokens that are text)
-MODELS = {
-    "llama3_1": ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"], []),
-    "llama3_2": ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"], []),
-    "qwen2_5": ("", "<|im_end|>", ["<|im_start|>", "<|endoftext|>"], ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]),
-    "qwen3": ("", "<|im_end|>", ["<|im_start|>", "<|endoftext|>"], ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]),
+LLAMA3 = (
+    "<|begin_of_text|>",
+    "<|eot_id|>",
+    ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"],
+)
+QWEN_TEXT = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+DEEPSEEK = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ["<｜User｜>", "<｜Assistant｜>"])
+MODELS: dict[str, tuple[str, str, list[str], list[str]]] = {
+    "llama3_1": (*LLAMA3, []),
+    "llama3_2": (*LLAMA3, []),
+    "qwen2_5": ("", "<|im_end|>", ["<|im_start|>", "<|endoftext|>"], QWEN_TEXT),
+    "qwen3": ("", "<|im_end|>", ["<|im_start|>", "<|endoftext|>"], ["<think>", "</think>", *QWEN_TEXT]),
     "phi3_5": ("<s>", "<|endoftext|>", ["<|user|>", "<|assistant|>", "<|end|>", "<|system|>"], []),
     "gemma": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"], []),
-    "deepseek_r1_distill_training": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ["<｜User｜>", "<｜Assistant｜>"], ["<think>", "</think>"]),
-}  # fmt: skip
+    "deepseek_r1_distill_training": (*DEEPSEEK, ["<think>", "</think>"]),
+}
 
 ADVERSARIAL = {
     "messages": [
@@ -143,9 +150,7 @@ def reference(sample: dict, template: ChatTemplate, tokenizer) -> list[tuple[lis
     messages, tools = template.adapt(sample["messages"]), sample.get("tools")
 
     def render(upto: int, prompt: bool = False) -> str:
-        text = tokenizer.apply_chat_template(
-            messages[:upto], tools=tools, add_generation_prompt=prompt, tokenize=False
-        )
+        text = tokenizer.apply_chat_template(messages[:upto], tools=tools, add_generation_prompt=prompt, tokenize=False)
         suffix = template.final_suffix
         return text[: -len(suffix)] if suffix and not prompt and text.endswith(suffix) else text
 
@@ -270,12 +275,18 @@ def test_openai_tools_tool_calls_and_string_arguments() -> None:
             {
                 "role": "assistant",
                 "content": None,
-                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}],
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+                    }
+                ],
             },
             {"role": "tool", "tool_call_id": "c1", "content": "hot"},
             {"role": "assistant", "content": "<think>\nIt said hot.\n</think>\n\nHot."},
         ],
-    }  # fmt: skip
+    }
     sample = to_sample(record, "messages", {}, None, "data.jsonl", 3)
     assert sample["tools"] == [WEATHER | {"function": WEATHER["function"]}]
     assert sample["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Rome"}
@@ -298,7 +309,12 @@ def test_sharegpt_function_call_and_observation_with_remapped_columns() -> None:
         "functions": [WEATHER["function"]],
     }
     sample = to_sample(
-        record, "sharegpt", {"conversations": "conv", "tools": "functions", "reasoning_content": "thought"}, None, "x", 1
+        record,
+        "sharegpt",
+        {"conversations": "conv", "tools": "functions", "reasoning_content": "thought"},
+        None,
+        "x",
+        1,
     )
     roles = [m["role"] for m in sample["messages"]]
     assert roles == ["user", "assistant", "tool", "assistant"]

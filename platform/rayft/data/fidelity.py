@@ -80,9 +80,7 @@ class FidelityCheck:
 def _span_problem(text: str, span: tuple[int, int], encoded: Encoded) -> tuple[str, str] | None:
     assert encoded.offsets is not None
     start, end = span
-    trained = [
-        (s, e) for (s, e), label in zip(encoded.offsets, encoded.labels) if label != IGNORE and start <= s < end
-    ]
+    trained = [(s, e) for (s, e), label in zip(encoded.offsets, encoded.labels) if label != IGNORE and start <= s < end]
     if not trained:
         return "reply_untrained", "no token of this reply is trained"
     first, last = trained[0][0], max(e for _, e in trained)

@@ -164,7 +164,8 @@ def _messages(f: _Fields) -> dict[str, Any]:
         where = f"{column}[{index}]"
         if not isinstance(turn, dict):
             raise f.error(f"expected an object with role and content, got {type(turn).__name__}", where)
-        role = ROLE_ALIASES.get(turn.get("role"), turn.get("role"))
+        role = turn.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
             raise f.error(f"unknown role {turn.get('role')!r}; expected one of {', '.join(ROLES)}", f"{where}.role")
         message: dict[str, Any] = {"role": role}
@@ -226,7 +227,9 @@ def _tool_call(f: _Fields, call: Any, where: str) -> dict[str, Any]:
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError as exc:
-            raise f.error(f"arguments are not valid JSON ({exc.msg} at column {exc.colno})", f"{where}.arguments") from None
+            raise f.error(
+                f"arguments are not valid JSON ({exc.msg} at column {exc.colno})", f"{where}.arguments"
+            ) from None
     if not isinstance(arguments, dict):
         raise f.error(f"arguments must be a JSON object, got {type(arguments).__name__}", f"{where}.arguments")
     out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}

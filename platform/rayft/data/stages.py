@@ -21,12 +21,12 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from rayft.data.fidelity import FidelityCheck
 from rayft.data.formats import detect_format, to_sample
 from rayft.data.packing import pack
 from rayft.data.quality import content_hash, drop_reason
 from rayft.data.sources import Chunk, read_chunk
 from rayft.data.templates import ChatTemplate
-from rayft.data.fidelity import FidelityCheck
 from rayft.data.tokenize import (
     Encoded,
     RecordError,
@@ -319,17 +319,17 @@ class RecordEncoder:
         out: list[tuple[int, Encoded]] = []
         failed: set[int] = set()
         if items:
-            for (index, item), sample in zip(items, self._tokenize([item for _, item in items])):
-                if isinstance(sample, RecordError):
+            for (index, item), result in zip(items, self._tokenize([item for _, item in items])):
+                if isinstance(result, RecordError):
                     failed.add(index)
-                    self._reject(rows[index], sample, counts, errors)
+                    self._reject(rows[index], result, counts, errors)
                     continue
-                problem = self.checker.problem(samples[index], item, sample) if self.checker else None
+                problem = self.checker.problem(samples[index], item, result) if self.checker else None
                 if problem is not None:
                     failed.add(index)
                     self._reject(rows[index], problem, counts, errors)
                     continue
-                out.append((index, sample))
+                out.append((index, result))
         # A record is used whole or not at all (a split conversation loses no turn silently).
         out = [(index, sample) for index, sample in out if index not in failed]
         if texts:

@@ -57,7 +57,7 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         "{% if tools %}{{ '<|im_start|>system\\n' }}"
         "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}"
         "{% set turns = messages[1:] %}{% endif %}"
-        "{{ '# Tools\\n\\nCall a tool with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>. "
+        '{{ \'# Tools\\n\\nCall a tool with <tool_call>{"name": ..., "arguments": ...}</tool_call>. '
         "Available tools:\\n<tools>' }}"
         "{% for tool in tools %}{{ '\\n' + tool | tojson }}{% endfor %}{{ '\\n</tools><|im_end|>\\n' }}{% endif %}"
         "{% for message in turns %}"
@@ -314,9 +314,13 @@ def check_template(template: ChatTemplate) -> ChatTemplate:
         probe = template.adapt(_PROBE)
         template = replace(template, final_suffix=_final_suffix(template))
         full = template.render(probe)
-        turns = [(template.render(probe[:i], add_generation_prompt=True), template.render(probe[: i + 1])) for i in (1, 3)]
+        turns = [
+            (template.render(probe[:i], add_generation_prompt=True), template.render(probe[: i + 1])) for i in (1, 3)
+        ]
     except jinja2.TemplateError as exc:
-        raise SpecError(f"template {name!r} fails to render a user/assistant conversation: {exc}", field=where) from None
+        raise SpecError(
+            f"template {name!r} fails to render a user/assistant conversation: {exc}", field=where
+        ) from None
     for text in ("USER-1", "REPLY-1", "USER-2", "REPLY-2"):
         if text not in full:
             raise SpecError(

@@ -154,9 +154,7 @@ def _render(
     if training.turns == "everything":
         return [Rendered(text, [(0, len(text))])]
     turns = [
-        i
-        for i, m in enumerate(messages)
-        if m["role"] == "assistant" and (training.tool_calls or "tool_calls" not in m)
+        i for i, m in enumerate(messages) if m["role"] == "assistant" and (training.tool_calls or "tool_calls" not in m)
     ]
     if training.turns == "last_assistant":
         turns = turns[-1:]
@@ -306,7 +304,10 @@ def tokenize_rendered(items: Sequence[Rendered], tokenizer: Any, controls: Seque
     if not getattr(tokenizer, "is_fast", False):
         return [_encode_by_prefixes(item, tokenizer) for item in items]
     batch = tokenizer(
-        [item.text for item in items], add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
+        [item.text for item in items],
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
     )
     out = []
     for item, ids, offsets in zip(items, batch["input_ids"], batch["offset_mapping"]):

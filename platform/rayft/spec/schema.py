@@ -175,10 +175,12 @@ class TrainOnSpec(Section):
         "all_assistant", description="all_assistant | last_assistant | everything (every token, no masking)"
     )
     reasoning: bool = Field(
-        True, description="Train the reasoning (thinking) of a trained reply; false: it is context, the answer is trained."
+        True,
+        description="Train the reasoning (thinking) of a trained reply; false: it is context, the answer is trained.",
     )
     tool_calls: bool = Field(
-        True, description="Train assistant turns that call tools; false: those turns are context, only answers are trained."
+        True,
+        description="Train assistant turns that call tools; false: those turns are context, only answers are trained.",
     )
 
 
