@@ -301,3 +301,34 @@ def test_preview_shows_trained_tokens_and_stats(ray_cluster, tiny_llama, chat_da
     assert "sample(s)" in result.stdout and "| " in result.stdout  # packed rows show sample boundaries
     for text in ("legend", "trained", "prepared data", "trained fraction", "row fill"):
         assert text in result.stdout
+
+
+def test_records_the_template_cannot_train_stop_the_job_or_are_skipped(ray_cluster, tiny_llama, tmp_path) -> None:
+    """Per-record rendering and pre-flight failures: named with file:line and counted by reason,
+    the job stops (on_error: raise) with no staging directory left, or they are dropped and
+    counted (skip). A control string in content is text, not a reason to drop."""
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello <|im_end|> x"}]}
+    gemma_like = tmp_path / "strict.jinja"  # refuses a conversation that opens with an assistant turn
+    gemma_like.write_text(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must start with user') }}{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    data = write_jsonl(
+        tmp_path / "agent.jsonl",
+        [
+            good,
+            {"messages": [{"role": "assistant", "content": "I start"}, {"role": "user", "content": "ok"}]},
+            {"messages": [{"role": "user", "content": "no reply"}]},
+            good,
+        ],
+    )
+    spec = {"train": str(data), "eval_fraction": 0.0, "template": str(gemma_like), "filters": {"dedup": False}}
+    with pytest.raises(DataError, match=r"2 record\(s\) cannot be trained.*nothing_trained=1, template_error=1") as err:
+        prepare(tiny_llama, tmp_path / "runs", spec)
+    assert "agent.jsonl:2: " in str(err.value) and "roles must start with user" in str(err.value)
+    assert not list((tmp_path / "runs").rglob("*.tmp-*")), "a staging directory was left behind"
+    _, prepared = prepare(tiny_llama, tmp_path / "runs", {**spec, "on_error": "skip"})
+    counts = prepared.stats["counts"]
+    assert counts["rejected:template_error"] == 1 and counts["rejected:nothing_trained"] == 1
+    assert prepared.stats["splits"]["train"]["samples"] == 2

@@ -15,7 +15,7 @@ from rayft.data.templates import ChatTemplate, resolve_template
 from rayft.rundir import prepared_base
 from rayft.spec import JobSpec
 
-PIPELINE_VERSION = 3  # bump when the output of the pipeline changes for the same inputs
+PIPELINE_VERSION = 4  # bump when the output of the pipeline changes for the same inputs
 
 
 @dataclass(frozen=True)

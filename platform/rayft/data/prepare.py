@@ -5,8 +5,10 @@ masked (and packed) parquet in storage, cached under a hash of everything that a
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -66,12 +68,13 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False, log: Callable
                 target, filesystem=filesystem, partition_cols=["split"], ray_remote_args=_remote_args(spec)
             )
         stats = _finish(staging, entry, spec, ray.get(ledger.summary.remote()), time.time() - started)
-    except Exception as exc:  # Ray wraps task errors; show the user's error, not Ray's
-        if staging != entry.root:
-            storage.delete_dir(staging)  # nothing half-written is left behind
-        raise (user_error_in(exc) or exc) from None
-    finally:
+    except BaseException as exc:  # Ray wraps task errors; show the user's error, not Ray's
         ray.kill(ledger)
+        _remove_staging(staging, entry.root)  # nothing half-written is left behind, whatever failed
+        if not isinstance(exc, Exception):
+            raise
+        raise (user_error_in(exc) or exc) from None
+    ray.kill(ledger)
     log(_describe(stats))
     return Prepared(entry.root, entry.key, stats, stats["template"])
 
@@ -128,13 +131,44 @@ def _pipeline(
 
 
 def _staging_for(root: str, started: float) -> str:
-    """Locally: a sibling directory renamed into place when complete. Object stores cannot
-    rename a directory: write in place (after clearing an incomplete attempt); stats.json,
-    written last, is what marks the result complete."""
+    """Locally: a sibling directory renamed into place when complete (staging left by a
+    process that no longer runs is removed first). Object stores cannot rename a directory:
+    write in place (after clearing an incomplete attempt); stats.json, written last, is what
+    marks the result complete."""
     if not storage.is_remote(root):
+        for stale in glob.glob(f"{glob.escape(root)}.tmp-*-*"):
+            pid = stale.rsplit(".tmp-", 1)[1].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
         return f"{root}.tmp-{os.getpid()}-{int(started)}"
     storage.delete_dir(root)
     return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_staging(staging: str, root: str, settle: float = 2.0, limit: float = 30.0) -> None:
+    """Delete what a failed run wrote. Write tasks that were already running when the pipeline
+    failed may still create files after the first delete: delete again until nothing has
+    reappeared for `settle` seconds (at most `limit`)."""
+    if storage.is_remote(staging) and staging == root:
+        storage.delete_dir(staging)
+        return
+    deadline, quiet_since = time.time() + limit, time.time()
+    storage.delete_dir(staging)
+    while time.time() < deadline and time.time() - quiet_since < settle:
+        time.sleep(0.25)
+        if storage.exists(staging):
+            storage.delete_dir(staging)
+            quiet_since = time.time()
 
 
 def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, seconds: float) -> dict[str, Any]:
@@ -155,6 +189,9 @@ def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, secon
             columns=["n_tokens", "n_trained", "seq_lengths"]
         )
         totals[split] = _length_stats(table, spec.data.max_length)
+    rejected = {k.split(":", 1)[1]: v for k, v in summary["counts"].items() if k.startswith("rejected:") and v}
+    if rejected and spec.data.on_error == "raise":
+        raise DataError(_rejected(rejected, summary["errors"]))
     if totals["train"]["rows"] == 0:
         raise DataError(_nothing_left(spec, entry, summary))
     stats = {
@@ -175,6 +212,17 @@ def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, secon
     return stats
 
 
+def _rejected(rejected: dict[str, int], examples: list[str]) -> str:
+    """The pre-flight's verdict: counts by reason, and examples with their file:line."""
+    total = sum(rejected.values())
+    reasons = ", ".join(f"{reason}={count:,}" for reason, count in sorted(rejected.items()))
+    shown = "\n  ".join(examples[:5])
+    return (
+        f"{total:,} record(s) cannot be trained as the chat template renders them for inference ({reasons}); "
+        f"nothing was trained. Fix them, or set data.on_error: skip to drop and count them. Examples:\n  {shown}"
+    )
+
+
 def _nothing_left(spec: JobSpec, entry: CacheEntry, summary: dict[str, Any]) -> str:
     """Why no training sample is left, naming the files and what to change."""
     counts = summary["counts"]
@@ -193,7 +241,7 @@ def _nothing_left(spec: JobSpec, entry: CacheEntry, summary: dict[str, Any]) -> 
             f"(data.truncation={spec.data.truncation}) and lost their replies: raise data.max_length, or set "
             "data.truncation: keep_end"
         )
-    if counts.get("malformed"):
+    if counts.get("malformed") or any(k.startswith("rejected:") for k in counts):
         first = (summary.get("errors") or ["?"])[0]
         return message + f" (data.on_error=skip); the first malformed record: {first}"
     return message

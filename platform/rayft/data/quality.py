@@ -22,9 +22,14 @@ REFUSAL = re.compile(
 
 
 def replies(sample: dict[str, Any]) -> list[str]:
+    """What each assistant turn says: its content, or for a turn that only calls tools, the calls."""
     if "text" in sample:
         return [sample["text"]]
-    return [m["content"] for m in sample["messages"] if m["role"] == "assistant"]
+    return [
+        m["content"] if m["content"].strip() or "tool_calls" not in m else json.dumps(m["tool_calls"])
+        for m in sample["messages"]
+        if m["role"] == "assistant"
+    ]
 
 
 def drop_reason(sample: dict[str, Any], filters: FilterSpec) -> str | None:

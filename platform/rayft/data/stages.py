@@ -21,19 +21,35 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from rayft.data.fidelity import FidelityCheck
 from rayft.data.formats import detect_format, to_sample
 from rayft.data.packing import pack
 from rayft.data.quality import content_hash, drop_reason
 from rayft.data.sources import Chunk, read_chunk
 from rayft.data.templates import ChatTemplate
-from rayft.data.tokenize import Encoded, encode_conversations, encode_texts, truncate
+from rayft.data.tokenize import (
+    Encoded,
+    RecordError,
+    Rendered,
+    control_tokens,
+    encode_texts,
+    render_sample,
+    tokenize_rendered,
+    truncate,
+)
 from rayft.env import adopt_secrets
 from rayft.errors import DataError
 from rayft.model.tokenizer import load_tokenizer
 from rayft.spec import DataSpec
 
 SAMPLES_SCHEMA = pa.schema(
-    [("sample_id", pa.int64()), ("split", pa.string()), ("kind", pa.string()), ("payload", pa.string())]
+    [
+        ("sample_id", pa.int64()),
+        ("split", pa.string()),
+        ("kind", pa.string()),
+        ("payload", pa.string()),
+        ("where", pa.string()),  # file:line, for errors found after the read (rendering, tokenizing)
+    ]
 )
 TOKENS_SCHEMA = pa.schema(
     [
@@ -133,7 +149,7 @@ class SampleSource(Datasource):
     def _read(self, chunk: Chunk) -> Iterator[pa.Table]:
         adopt_secrets(self.secrets)
         options, data = self.sources[chunk.source], self.data
-        rows: list[tuple[tuple[int, int, int], str, str, str]] = []  # (key, split, kind, payload)
+        rows: list[tuple[tuple[int, int, int], str, str, str, str]] = []  # (key, split, kind, payload, where)
         counts: Counter[str] = Counter()
         errors: list[str] = []
         taken = 0
@@ -164,7 +180,7 @@ class SampleSource(Datasource):
             key = (chunk.source, chunk.file, index)
             split = "eval" if options.is_eval else _split_of(key, options.eval_fraction)
             kind = "text" if "text" in sample else "chat"
-            rows.append((key, split, kind, json.dumps(sample, ensure_ascii=False)))
+            rows.append((key, split, kind, json.dumps(sample, ensure_ascii=False), f"{chunk.path}:{line}"))
             if len(rows) >= BLOCK_ROWS:
                 yield self._block(rows, counts, errors, options)
                 rows, counts, errors = [], Counter(), []
@@ -172,14 +188,14 @@ class SampleSource(Datasource):
 
     def _block(
         self,
-        rows: list[tuple[tuple[int, int, int], str, str, str]],
+        rows: list[tuple[tuple[int, int, int], str, str, str, str]],
         counts: Counter,
         errors: list[str],
         options: SourceOptions,
     ) -> pa.Table:
         filters = self.data.filters
         if rows and (filters.dedup or filters.near_dedup):
-            samples = [json.loads(payload) for _, _, _, payload in rows]
+            samples = [json.loads(row[3]) for row in rows]
             keep: np.ndarray = np.ones(len(rows), dtype=bool)
             if filters.dedup:
                 keep &= ray.get(self.ledger.first_seen.remote([content_hash(s) for s in samples]))
@@ -191,14 +207,15 @@ class SampleSource(Datasource):
                 counts["near_duplicate"] += int((keep & ~fresh).sum())
                 keep &= fresh
             rows = [row for row, kept in zip(rows, keep) if kept]
-        out: dict[str, list] = {"sample_id": [], "split": [], "kind": [], "payload": []}
-        for key, split, kind, payload in rows:
+        out: dict[str, list] = {"sample_id": [], "split": [], "kind": [], "payload": [], "where": []}
+        for key, split, kind, payload, where in rows:
             copies = 1 if split == "eval" else _copies(options.weight, key)
             for copy in range(copies):
                 out["sample_id"].append(sample_id(*key, copy))
                 out["split"].append(split)
                 out["kind"].append(kind)
                 out["payload"].append(payload)
+                out["where"].append(where)
         counts["kept"] += len(rows)
         ray.get(self.ledger.add.remote(dict(counts), errors))
         return pa.table(out, schema=SAMPLES_SCHEMA)
@@ -223,32 +240,27 @@ def _copies(weight: float, key: tuple[int, int, int]) -> int:
 class Encoder:
     """A Ray Data actor: canonical samples -> token rows (one tokenizer per actor, loaded here
     from the model directory rather than shipped: a tokenizer is megabytes, and Ray keeps large
-    constructor arguments in the object store, where an actor restart can lose them)."""
+    constructor arguments in the object store, where an actor restart can lose them).
+
+    A record the template cannot render, or cannot render as inference would, is rejected with
+    its file:line and counted by reason (`rejected:<reason>`); the pipeline stops before training
+    on any rejection unless data.on_error is skip (rayft.data.prepare)."""
 
     def __init__(self, spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any, secrets: Any = None):
         adopt_secrets(secrets)  # a hub tokenizer may need HF_TOKEN
-        self.tokenizer = load_tokenizer(spec, model_dir)
-        self.template, self.data, self.ledger = template, spec.data, ledger
+        self.records = RecordEncoder(spec.data, template, load_tokenizer(spec, model_dir))
+        self.data, self.ledger = spec.data, ledger
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         samples = [json.loads(row["payload"]) for row in rows]
-        chats = [i for i, row in enumerate(rows) if row["kind"] == "chat"]
-        texts = [i for i, row in enumerate(rows) if row["kind"] == "text"]
-        encoded: dict[int, Encoded] = {}
-        if chats:
-            assert self.template is not None, "conversations are rendered with the job's chat template"
-            chat_out = encode_conversations(
-                [samples[i]["messages"] for i in chats], self.template, self.tokenizer, self.data.train_on
-            )
-            encoded.update(zip(chats, chat_out))
-        if texts:
-            encoded.update(zip(texts, encode_texts([samples[i]["text"] for i in texts], self.tokenizer)))
         counts: Counter[str] = Counter()
+        errors: list[str] = []
+        encoded = self.records.encode(rows, samples, counts, errors)
         out: dict[str, list] = {name: [] for name in TOKENS_SCHEMA.names}
         limit, data = self.data.filters.max_tokens, self.data
-        for index, row in enumerate(rows):
-            sample = encoded[index]
+        for index, sample in encoded:
+            row = rows[index]
             if limit and len(sample.input_ids) > limit:
                 counts["too_long"] += 1
                 continue
@@ -259,7 +271,7 @@ class Encoder:
             if fitted is not sample:
                 counts["truncated"] += 1
             if fitted.n_trained == 0:
-                counts["no_trained_tokens"] += 1
+                counts["no_trained_tokens"] += 1  # truncation cut every reply (the sample itself has some)
                 continue
             out["split"].append(row["split"])
             out["input_ids"].append(fitted.input_ids)
@@ -270,9 +282,80 @@ class Encoder:
             out["n_trained"].append(fitted.n_trained)
             is_eval_chat = row["split"] == "eval" and row["kind"] == "chat"
             out["messages"].append(json.dumps(samples[index]["messages"], ensure_ascii=False) if is_eval_chat else None)
-        if counts:
-            ray.get(self.ledger.add.remote(dict(counts)))
+        if counts or errors:
+            ray.get(self.ledger.add.remote(dict(counts), errors))
         return pa.table(out, schema=TOKENS_SCHEMA)
+
+
+class RecordEncoder:
+    """Canonical records -> training sequences, rejecting (with file:line and a reason) each
+    record that the template cannot render as inference would; no Ray in here."""
+
+    def __init__(self, data: DataSpec, template: ChatTemplate | None, tokenizer: Any):
+        self.data, self.template, self.tokenizer = data, template, tokenizer
+        self.controls = () if data.allow_control_tokens else control_tokens(tokenizer)
+        self.checker = FidelityCheck(template, tokenizer) if template is not None else None
+
+    def encode(
+        self, rows: list[dict[str, Any]], samples: list[dict[str, Any]], counts: Counter, errors: list[str]
+    ) -> list[tuple[int, Encoded]]:
+        """(row index, sequence) for every record that renders, tokenizes and passes the
+        fidelity check; the others counted and named."""
+        items: list[tuple[int, Rendered]] = []
+        texts: list[int] = []
+        for index, (row, sample) in enumerate(zip(rows, samples)):
+            if row["kind"] == "text":
+                texts.append(index)
+                continue
+            assert self.template is not None, "conversations are rendered with the job's chat template"
+            try:
+                rendered = render_sample(
+                    sample, self.template, self.data.train_on, controls=self.controls, split_turns=self.data.split_turns
+                )
+            except RecordError as exc:
+                self._reject(row, exc, counts, errors)
+                continue
+            items.extend((index, item) for item in rendered)
+        out: list[tuple[int, Encoded]] = []
+        failed: set[int] = set()
+        if items:
+            for (index, item), result in zip(items, self._tokenize([item for _, item in items])):
+                if isinstance(result, RecordError):
+                    failed.add(index)
+                    self._reject(rows[index], result, counts, errors)
+                    continue
+                problem = self.checker.problem(samples[index], item, result) if self.checker else None
+                if problem is not None:
+                    failed.add(index)
+                    self._reject(rows[index], problem, counts, errors)
+                    continue
+                out.append((index, result))
+        # A record is used whole or not at all (a split conversation loses no turn silently).
+        out = [(index, sample) for index, sample in out if index not in failed]
+        if texts:
+            raw = encode_texts(
+                [samples[i]["text"] for i in texts], self.tokenizer, allow_control_tokens=self.data.allow_control_tokens
+            )
+            out.extend(zip(texts, raw))
+            out.sort(key=lambda pair: pair[0])
+        return out
+
+    def _tokenize(self, rendered: list[Rendered]) -> list[Encoded | RecordError]:
+        try:
+            return list(tokenize_rendered(rendered, self.tokenizer, self.controls))
+        except RecordError:  # find the record(s): one at a time
+            results: list[Encoded | RecordError] = []
+            for item in rendered:
+                try:
+                    results.append(tokenize_rendered([item], self.tokenizer, self.controls)[0])
+                except RecordError as exc:
+                    results.append(exc)
+            return results
+
+    def _reject(self, row: dict[str, Any], exc: RecordError, counts: Counter, errors: list[str]) -> None:
+        counts[f"rejected:{exc.reason}"] += 1
+        if len(errors) < MAX_ERRORS_KEPT:
+            errors.append(f"{row.get('where') or 'record'}: {exc}")
 
 
 def bound_encoder(spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any, secrets: Any = None) -> type:

@@ -1,112 +1,449 @@
 """Canonical samples -> input_ids + labels, with loss only where the spec says.
 
 An assistant reply is the text between the conversation rendered up to the reply with a
-generation prompt and rendered with the reply (so it includes the end-of-turn marker, which the
-model must learn to emit). The whole conversation is tokenized once; a token is trained when it
-starts inside a reply. This equals masking by re-tokenizing each prefix (the reference in the
-tests, and the fallback for tokenizers without offsets), at a fraction of the cost. A token
-that BPE merged across the start of a reply (the prompt's last newline with the reply's first)
-is not trained: at inference the prompt is tokenized alone and that token never occurs there.
+generation prompt (what inference renders at that turn) and rendered with the reply (so it
+includes the end-of-turn marker, which the model must learn to emit). The whole conversation is
+tokenized once; a token is trained when it starts inside a reply. This equals masking by
+re-tokenizing each prefix (the reference in the tests, and the fallback for tokenizers without
+offsets), at a fraction of the cost. A token that BPE merged across the start of a reply (the
+prompt's last newline with the reply's first) is not trained: at inference the prompt is
+tokenized alone and that token never occurs there.
+
+Templates that render history differently from how inference rendered it (Qwen3 drops the
+reasoning of earlier turns) cannot train every turn in one sequence: under `data.split_turns:
+auto` each trained turn becomes a sample of its own, rendered as inference renders it at that
+turn (never refused, never trained on a history the model did not see).
+
+Content is text. A control-token string typed inside content ("<|im_end|>" in a user message, a
+reply, a tool result, a raw text) is tokenized as the characters it is, never as the control
+token, unless `data.allow_control_tokens` opts in. Content strings are escaped before rendering
+(each control string replaced by as many private-use characters), so after rendering the
+template's own control tokens and the ones that came from content are told apart by position.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from rayft.data.templates import ChatTemplate
-from rayft.errors import SpecError
+from rayft.data.templates import THINK_CLOSE, ChatTemplate
+from rayft.errors import DataError
 
 IGNORE = -100
 TrainOn = Literal["all_assistant", "last_assistant", "everything"]
+SplitTurns = Literal["auto", "always", "never"]
+# Content characters that stand for a control string while a conversation is rendered: one code
+# point per control token, from Supplementary Private Use Area-A (never produced by tokenizers).
+_ESCAPE_BASE = 0xF0000
+_ESCAPED = re.compile("[\U000f0000-\U000ffffd]+")
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    offsets: list[tuple[int, int]] | None = None  # characters of each token in the rendered text (fast tokenizers)
 
     @property
     def n_trained(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE)
 
 
-def reply_spans(
-    messages: list[dict[str, str]], template: ChatTemplate, train_on: TrainOn
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the (start, end) character spans to train on."""
-    if not template.supports_system and any(m["role"] == "system" for m in messages):
-        raise SpecError(
-            f"template {template.name!r} does not render system messages, but the data has them "
-            "(or data.system_prompt adds one); choose another template or drop the system turns",
-            field="data.template",
-        )
-    text = template.render(messages)
-    if train_on == "everything":
-        return text, [(0, len(text))]
-    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-    if train_on == "last_assistant":
-        turns = turns[-1:]
-    spans = []
-    for index in turns:
-        prompt = template.render(messages[:index], add_generation_prompt=True)
-        upto = text if index == len(messages) - 1 else template.render(messages[: index + 1])
-        if not (upto.startswith(prompt) and text.startswith(upto)):
-            raise SpecError(
-                f"template {template.name!r} renders this conversation differently when it is cut "
-                f"after turn {index}, so its assistant turns cannot be located",
-                field="data.template",
-            )
-        spans.append((len(prompt), len(upto)))
-    return text, spans
+@dataclass(frozen=True)
+class Training:
+    """What carries the loss (data.train_on, flattened)."""
+
+    turns: TrainOn = "all_assistant"
+    reasoning: bool = True
+    tool_calls: bool = True
+
+    @classmethod
+    def of(cls, train_on: Any) -> Training:
+        """From a TrainOnSpec, a Training, or the shorthand string."""
+        if isinstance(train_on, Training):
+            return train_on
+        if isinstance(train_on, str):
+            return cls(turns=train_on)  # type: ignore[arg-type]
+        return cls(turns=train_on.turns, reasoning=train_on.reasoning, tool_calls=train_on.tool_calls)
 
 
-def encode_conversations(
-    conversations: Sequence[list[dict[str, str]]],
+@dataclass
+class Rendered:
+    """One training sequence: its text, the character spans trained, the replies of the trained
+    turns (for the fidelity check), and the spans of control strings that came from content."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    replies: list[tuple[int, int]] = field(default_factory=list)
+    forged: list[tuple[int, int]] = field(default_factory=list)
+    turns: list[int] = field(default_factory=list)  # the message index of each reply
+
+
+class RecordError(DataError):
+    """A record that cannot be trained as the template renders it; `reason` is what the
+    prepared data's statistics count it under."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+def control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The tokenizer's control-token strings (special tokens, added ones included), longest
+    first. Added tokens that are not special ("<think>", "<tool_call>" in Qwen) are text."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token.content))
+    return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+# ------------------------------------------------------------------------------- rendering
+def render_sample(
+    sample: dict[str, Any],
     template: ChatTemplate,
-    tokenizer: Any,
-    train_on: TrainOn = "all_assistant",
-) -> list[Encoded]:
-    rendered = [reply_spans(messages, template, train_on) for messages in conversations]
+    train_on: Any = "all_assistant",
+    *,
+    controls: Sequence[str] = (),
+    split_turns: SplitTurns = "auto",
+) -> list[Rendered]:
+    """The training sequences of one conversation. Raises RecordError naming the cause when
+    the template cannot render it, or cannot render it as inference would."""
+    training = Training.of(train_on)
+    messages, tools = sample["messages"], sample.get("tools") or None
+    if not template.supports_system and any(m["role"] == "system" for m in messages):
+        raise RecordError(
+            "template_error",
+            f"template {template.name!r} has no system role, but this conversation has a system turn "
+            "(or data.system_prompt adds one); choose another template or drop the system turns",
+        )
+    escapes = _escapes(controls)
+    if escapes:
+        _refuse_escape_characters(messages, tools)
+        messages, tools = _escape(messages, escapes), _escape(tools, escapes)
+    adapted = template.adapt(messages)
+    out = [_unescape(r, controls) for r in _render(adapted, messages, tools, template, training, split_turns)]
+    return out
+
+
+def _render(
+    adapted: list[dict[str, Any]],
+    messages: list[dict[str, Any]],
+    tools: list | None,
+    template: ChatTemplate,
+    training: Training,
+    split_turns: SplitTurns,
+) -> list[Rendered]:
+    def render(upto: int | None, prompt: bool = False) -> str:
+        try:
+            return template.render(adapted if upto is None else adapted[:upto], prompt, tools=tools)
+        except Exception as exc:  # raise_exception(), undefined variables, a template's own type errors
+            roles = ", ".join(m["role"] + ("(tool_calls)" if "tool_calls" in m else "") for m in messages)
+            raise RecordError(
+                "template_error",
+                f"template {template.name!r} cannot render this conversation ({type(exc).__name__}: {exc}); "
+                f"its turns: {roles}",
+            ) from None
+
+    text = _drop_final(render(None), template)
+    if training.turns == "everything":
+        return [Rendered(text, [(0, len(text))])]
+    turns = [
+        i for i, m in enumerate(messages) if m["role"] == "assistant" and (training.tool_calls or "tool_calls" not in m)
+    ]
+    if training.turns == "last_assistant":
+        turns = turns[-1:]
+    replies: list[tuple[int, str, str]] = []  # (turn, prompt, prompt + reply)
+    consistent = True
+    for index in turns:
+        prompt = render(index, prompt=True)
+        upto = text if index == len(messages) - 1 else _drop_final(render(index + 1), template)
+        if not upto.startswith(prompt):
+            raise RecordError(
+                "template_error",
+                f"template {template.name!r} does not render turn {index} after its generation prompt: the "
+                f"prompt ends {prompt[-40:]!r}, the conversation continues {upto[len(_common(prompt, upto)) :][:40]!r}",
+            )
+        consistent &= text.startswith(upto)
+        replies.append((index, prompt, upto))
+    if consistent and split_turns != "always":
+        _refuse_dropped(template, messages, text)
+        spans = [_trained_span(len(p), len(u), u, messages[i], training) for i, p, u in replies]
+        return [Rendered(text, spans, [(len(p), len(u)) for _, p, u in replies], turns=[i for i, _, _ in replies])]
+    if split_turns == "never":
+        index = next(i for i, _, u in replies if not text.startswith(u))
+        raise RecordError(
+            "history_differs",
+            f"template {template.name!r} renders turn {index} differently once later turns follow it (it drops "
+            "or changes what inference rendered at that turn, e.g. past reasoning), and data.split_turns is never; "
+            "set data.split_turns: auto to train each turn as inference renders it",
+        )
+    for i, _, u in replies:
+        _refuse_dropped(template, messages[i : i + 1], u)  # history may drop what inference drops; a reply not
+    return [
+        Rendered(u, [_trained_span(len(p), len(u), u, messages[i], training)], [(len(p), len(u))], turns=[i])
+        for i, p, u in replies
+    ]
+
+
+def _refuse_dropped(template: ChatTemplate, messages: list[dict[str, Any]], text: str) -> None:
+    """A template that silently leaves out part of a message (tool calls it has no place for,
+    a reasoning field it ignores) would train a reply that is not the data's."""
+    for message in messages:
+        parts = [("content", message.get("content", "")), ("reasoning", message.get("reasoning_content", ""))]
+        parts += [("tool call", call["function"]["name"]) for call in message.get("tool_calls", [])]
+        for what, value in parts:
+            if value and value.strip() and value.strip() not in text:
+                raise RecordError(
+                    "content_dropped",
+                    f"template {template.name!r} drops the {what} of a {message['role']} turn "
+                    f"({value.strip()[:40]!r} is not in the rendered conversation); choose a template that renders it",
+                )
+
+
+def _trained_span(start: int, end: int, text: str, message: dict[str, Any], training: Training) -> tuple[int, int]:
+    """The reply, or with train_on.reasoning false, the reply after its reasoning block."""
+    reasoning = message.get("reasoning_content")
+    if training.reasoning or not reasoning:
+        return start, end
+    at = text.find(reasoning.strip(), start, end)
+    if at < 0:
+        return start, end  # the template does not render this reasoning: nothing to leave out
+    after = at + len(reasoning.strip())
+    close = text.find(THINK_CLOSE, after, end)
+    if close >= 0 and not text[after:close].strip():
+        after = close + len(THINK_CLOSE)
+    while after < end and text[after].isspace():
+        after += 1
+    return after, end
+
+
+def _drop_final(text: str, template: ChatTemplate) -> str:
+    """Without what the template appends only after the last message (Phi-3.5's EOS): no turn
+    of inference ever renders it, so it belongs to no reply."""
+    suffix = template.final_suffix
+    return text[: -len(suffix)] if suffix and text.endswith(suffix) else text
+
+
+def _common(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def _escapes(controls: Sequence[str]) -> list[tuple[str, str]]:
+    return [(c, chr(_ESCAPE_BASE + k) * len(c)) for k, c in enumerate(controls)]
+
+
+def _escape(value: Any, escapes: list[tuple[str, str]]) -> Any:
+    """Every string inside (content, reasoning, tool-call names and arguments, tool schemas,
+    dict keys included) with its control strings replaced, longest first."""
+    if isinstance(value, str):
+        for control, stand_in in escapes:
+            if control in value:
+                value = value.replace(control, stand_in)
+        return value
+    if isinstance(value, list):
+        return [_escape(v, escapes) for v in value]
+    if isinstance(value, dict):
+        return {_escape(k, escapes): _escape(v, escapes) for k, v in value.items()}
+    return value
+
+
+def _refuse_escape_characters(*values: Any) -> None:
+    if _ESCAPED.search(json.dumps(values, ensure_ascii=False)):
+        raise RecordError(
+            "control_tokens",
+            "the content holds characters of Unicode's Supplementary Private Use Area-A (U+F0000-U+FFFFD), which "
+            "rayft uses to keep control-token strings in content as text; remove them",
+        )
+
+
+def _unescape(rendered: Rendered, controls: Sequence[str]) -> Rendered:
+    if not controls:
+        return rendered
+    text, forged = rendered.text, []
+    pieces, last = [], 0
+    for run in _ESCAPED.finditer(text):
+        pieces.append(text[last : run.start()])
+        position = run.start()
+        for char, length in _runs(run.group()):
+            control = controls[ord(char) - _ESCAPE_BASE]
+            for _ in range(length // len(control)):
+                forged.append((position, position + len(control)))
+                position += len(control)
+            pieces.append(control * (length // len(control)))
+            if length % len(control):
+                raise RecordError("control_tokens", "the template cut a control-token string inside the content")
+        last = run.end()
+    if not forged:
+        return rendered
+    pieces.append(text[last:])
+    return Rendered("".join(pieces), rendered.spans, rendered.replies, forged, rendered.turns)
+
+
+def _runs(text: str) -> list[tuple[str, int]]:
+    runs: list[tuple[str, int]] = []
+    for char in text:
+        if runs and runs[-1][0] == char:
+            runs[-1] = (char, runs[-1][1] + 1)
+        else:
+            runs.append((char, 1))
+    return runs
+
+
+# ------------------------------------------------------------------------------ tokenizing
+def tokenize_rendered(items: Sequence[Rendered], tokenizer: Any, controls: Sequence[str] = ()) -> list[Encoded]:
+    """Token ids and labels of rendered sequences; content control strings as text."""
     if not getattr(tokenizer, "is_fast", False):
-        return [_encode_by_prefixes(text, spans, tokenizer) for text, spans in rendered]
+        return [_encode_by_prefixes(item, tokenizer) for item in items]
     batch = tokenizer(
-        [text for text, _ in rendered],
+        [item.text for item in items],
         add_special_tokens=False,
         return_offsets_mapping=True,
         return_attention_mask=False,
     )
     out = []
-    for (_, spans), ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"]):
-        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    for item, ids, offsets in zip(items, batch["input_ids"], batch["offset_mapping"]):
+        ids, offsets = list(ids), [tuple(o) for o in offsets]
+        if item.forged:
+            ids, offsets = _as_text(item, ids, offsets, tokenizer, controls)
+        starts = np.asarray([o[0] for o in offsets], dtype=np.int64)
         trained: np.ndarray = np.zeros(len(ids), dtype=bool)
-        for start, end in spans:
-            trained |= (offsets[:, 0] >= start) & (offsets[:, 0] < end)
+        for start, end in item.spans:
+            trained |= (starts >= start) & (starts < end)
         labels = np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE)
-        out.append(Encoded(list(ids), labels.tolist()))
+        out.append(Encoded(ids, labels.tolist(), offsets))
     return out
 
 
-def _encode_by_prefixes(text: str, spans: list[tuple[int, int]], tokenizer: Any) -> Encoded:
+def _as_text(
+    item: Rendered, ids: list[int], offsets: list[tuple[int, int]], tokenizer: Any, controls: Sequence[str]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Re-tokenize, with special tokens split, each stretch between two of the template's own
+    control tokens that holds a control string from content: the tokens the tokenizer gives that
+    text when it is not a control token."""
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if getattr(t, "special", False)
+    }
+    forged = set(item.forged)
+    own = [(s, e) for s, e in _occurrences(item.text, controls) if (s, e) not in forged]
+    bounds = [0] + [b for s, e in own for b in (s, e)] + [len(item.text)]
+    stretches = [(bounds[i], bounds[i + 1]) for i in range(0, len(bounds), 2)]
+    for start, end in stretches:
+        if not any(start <= s < end for s, _ in item.forged):
+            continue
+        keep = [i for i, (s, _) in enumerate(offsets) if not start <= s < end]
+        at = next((n for n, i in enumerate(keep) if offsets[i][0] >= end), len(keep))
+        new_ids, new_offsets = _stretch_as_text(item.text, start, end, tokenizer)
+        ids = [ids[i] for i in keep[:at]] + new_ids + [ids[i] for i in keep[at:]]
+        offsets = [offsets[i] for i in keep[:at]] + new_offsets + [offsets[i] for i in keep[at:]]
+    for token, (s, _) in zip(ids, offsets):
+        if token in special and any(fs <= s < fe for fs, fe in item.forged):
+            raise RecordError("control_tokens", "a control-token string in the content could not be tokenized as text")
+    return ids, offsets
+
+
+def _stretch_as_text(text: str, start: int, end: int, tokenizer: Any) -> tuple[list[int], list[tuple[int, int]]]:
+    piece = text[start:end]
+    if start == 0 or _tokenizes_locally(tokenizer):
+        enc = tokenizer(piece, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [(s + start, e + start) for s, e in enc["offset_mapping"]]
+    # A tokenizer that treats the start of its input apart (SentencePiece's prefix space) sees
+    # this stretch mid-text: tokenize it after an anchor and drop the anchor's tokens.
+    anchor = "\n"
+    enc = tokenizer(anchor + piece, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    pairs = list(zip(enc["input_ids"], enc["offset_mapping"]))
+    if any(s < len(anchor) < e for _, (s, e) in pairs):
+        raise RecordError(
+            "control_tokens",
+            "a control-token string in the content cannot be tokenized as text exactly with this tokenizer; remove "
+            "it, or set data.allow_control_tokens: true to let content emit control tokens",
+        )
+    kept = [(i, (s - len(anchor) + start, e - len(anchor) + start)) for i, (s, e) in pairs if s >= len(anchor)]
+    return [i for i, _ in kept], [o for _, o in kept]
+
+
+_LOCAL: dict[int, bool] = {}
+
+
+def _tokenizes_locally(tokenizer: Any) -> bool:
+    """Whether a text is tokenized the same at the start of an input and after a special token."""
+    if id(tokenizer) not in _LOCAL:
+        token = tokenizer.eos_token or tokenizer.bos_token
+        probe = "word and more"
+        alone = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        after = list(tokenizer(token + probe, add_special_tokens=False)["input_ids"]) if token else [0, *alone]
+        _LOCAL[id(tokenizer)] = after[1:] == alone
+    return _LOCAL[id(tokenizer)]
+
+
+def _occurrences(text: str, controls: Sequence[str]) -> list[tuple[int, int]]:
+    """Control strings in text, leftmost-longest as the tokenizer matches them."""
+    if not controls:
+        return []
+    pattern = re.compile("|".join(re.escape(c) for c in controls))  # longest first: alternation picks it
+    return [(m.start(), m.end()) for m in pattern.finditer(text)]
+
+
+def _encode_by_prefixes(item: Rendered, tokenizer: Any) -> Encoded:
     """Slow path: token boundaries from tokenizing every span boundary's prefix."""
+    if item.forged:
+        raise RecordError(
+            "control_tokens",
+            "the content holds control-token strings and this (slow) tokenizer cannot keep them as text; remove "
+            "them, or set data.allow_control_tokens: true",
+        )
+    text = item.text
 
     def count(prefix: str) -> int:
         return len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     labels = [IGNORE] * len(ids)
-    for start, end in spans:
+    for start, end in item.spans:
         for position in range(count(text[:start]), count(text[:end])):
             labels[position] = ids[position]
     return Encoded(list(ids), labels)
 
 
-def encode_texts(texts: Sequence[str], tokenizer: Any) -> list[Encoded]:
-    """Raw text: BOS if the tokenizer adds one, EOS at the end, loss on every token."""
-    batch = tokenizer(list(texts), add_special_tokens=True, return_attention_mask=False)
+# ----------------------------------------------------------------------------- entry points
+def encode_conversations(
+    conversations: Sequence[list[dict[str, Any]]],
+    template: ChatTemplate,
+    tokenizer: Any,
+    train_on: Any = "all_assistant",
+    *,
+    allow_control_tokens: bool = False,
+    tools: Sequence[list | None] | None = None,
+) -> list[Encoded]:
+    """Each conversation's training sequences (one each unless its turns are split), in order."""
+    controls = () if allow_control_tokens else control_tokens(tokenizer)
+    items = [
+        item
+        for n, messages in enumerate(conversations)
+        for item in render_sample(
+            {"messages": messages, "tools": tools[n] if tools else None}, template, train_on, controls=controls
+        )
+    ]
+    return tokenize_rendered(items, tokenizer, controls)
+
+
+def encode_texts(texts: Sequence[str], tokenizer: Any, *, allow_control_tokens: bool = False) -> list[Encoded]:
+    """Raw text: BOS if the tokenizer adds one, EOS at the end, loss on every token. Control
+    strings inside the text are text (split), unless allowed."""
+    batch = tokenizer(
+        list(texts),
+        add_special_tokens=True,
+        return_attention_mask=False,
+        split_special_tokens=not allow_control_tokens,
+    )
     eos = tokenizer.eos_token_id
     out = []
     for ids in batch["input_ids"]:

@@ -16,6 +16,7 @@ from rayft.spec.schema import (
     ScalingSpec,
     SourceSpec,
     StepPlan,
+    TrainOnSpec,
     TrainSpec,
     TuneSpec,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "ScalingSpec",
     "SourceSpec",
     "StepPlan",
+    "TrainOnSpec",
     "TrainSpec",
     "TuneSpec",
     "anchored",

@@ -164,6 +164,24 @@ class FilterSpec(Section):
 
 
 DEFAULT_EVAL_FRACTION = 0.05
+TrainTurns = Literal["all_assistant", "last_assistant", "everything"]
+
+
+class TrainOnSpec(Section):
+    """What carries the loss. `train_on: last_assistant` is shorthand for `train_on: {turns: last_assistant}`.
+    Tool results (tool turns) are never trained: the model reads them, it does not write them."""
+
+    turns: TrainTurns = Field(
+        "all_assistant", description="all_assistant | last_assistant | everything (every token, no masking)"
+    )
+    reasoning: bool = Field(
+        True,
+        description="Train the reasoning (thinking) of a trained reply; false: it is context, the answer is trained.",
+    )
+    tool_calls: bool = Field(
+        True,
+        description="Train assistant turns that call tools; false: those turns are context, only answers are trained.",
+    )
 
 
 class DataSpec(Section):
@@ -176,12 +194,28 @@ class DataSpec(Section):
     columns: dict[str, str] = Field(default_factory=dict)
     template: str = Field("auto", description="auto | tokenizer | chatml | llama3 | llama2 | plain | path to .jinja")
     system_prompt: str | None = None
-    train_on: Literal["all_assistant", "last_assistant", "everything"] = "all_assistant"
+    train_on: TrainOnSpec = Field(default_factory=TrainOnSpec)
     max_length: int = Field(1024, ge=8)
     truncation: Literal["keep_start", "keep_end", "drop"] = "keep_start"
     packing: bool = False
     filters: FilterSpec = Field(default_factory=FilterSpec)
-    on_error: Literal["raise", "skip"] = "raise"
+    on_error: Literal["raise", "skip"] = Field(
+        "raise",
+        description="A record that cannot be used (malformed, a template that cannot render it or drops its content, "
+        "control tokens in its content): raise stops before training, naming file:line; skip drops and counts it.",
+    )
+    split_turns: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="auto: a conversation whose template renders earlier turns differently once later ones follow "
+        "(Qwen3 drops past reasoning) becomes one sample per trained turn, each as inference renders it at that turn; "
+        "always: every trained turn its own sample; never: such conversations are refused.",
+    )
+    allow_control_tokens: bool = Field(
+        False,
+        description="Let control-token strings inside content (e.g. '<|im_end|>' typed in a message or a raw text) "
+        "become control tokens. Off: content is text, and a record whose content cannot be tokenized as text "
+        "exactly is refused (or skipped and counted).",
+    )
     cache: bool = True
     cache_dir: str | None = Field(
         None, description="Where prepared data is kept, shared by runs; default <run.storage_path>/prepared."
@@ -191,6 +225,11 @@ class DataSpec(Section):
     @classmethod
     def _cache_scheme(cls, value: str | None) -> str | None:
         return check_scheme(value) if value else value
+
+    @field_validator("train_on", mode="before")
+    @classmethod
+    def _train_on_shorthand(cls, value: Any) -> Any:
+        return {"turns": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_eval_split(self) -> DataSpec:
