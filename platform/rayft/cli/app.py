@@ -16,6 +16,8 @@ from rich.table import Table
 
 from rayft.cli.views import console, log
 from rayft.errors import RayftError
+from rayft.model.gguf_export import DEFAULT_QUANTIZATION as GGUF_DEFAULT
+from rayft.model.gguf_export import QUANTIZATIONS as GGUF_QUANTIZATIONS
 from rayft.quiet import silence_libraries
 from rayft.spec import JobSpec, load_spec
 
@@ -93,10 +95,23 @@ def _connect(address: Optional[str], verbose: bool = False, quiet: bool = False)
 
 
 def _write_report(run_dir: str) -> None:
+    """The run's report, and the model cards (README.md) of its model directories."""
     from rayft.cli.views import print_report_written
+    from rayft.eval.card import write_run_cards
     from rayft.eval.report import build_report
 
     print_report_written(build_report(run_dir))
+    for card in write_run_cards(run_dir):
+        log(f"model card: {card}")
+
+
+def _record_command(run_dir: Any) -> None:
+    """<run>/command.json: the command that made the run, for its model cards."""
+    import json
+
+    from rayft import storage
+
+    storage.write_text(run_dir.command, json.dumps({"command": _command_line()}, indent=2))
 
 
 @app.command()
@@ -138,6 +153,7 @@ def train(
     job = _load(spec, overrides, profile)
     _connect(address, verbose)
     plan = plan_run(job, log=log, fresh=fresh)
+    _record_command(plan.run_dir)
     summary = fit(plan, log=log)
     print_summary(summary)
     if compare and job.eval.before_after:
@@ -218,15 +234,86 @@ def data_preview(
 @friendly
 def export(
     model: Path = typer.Argument(..., help="A run directory, a checkpoint, or a model directory."),
-    out: Path = typer.Option(..., "--out", "-o", help="Where to write the HF directory."),
-    merge: bool = typer.Option(False, "--merge", help="Fold a LoRA adapter into its base (QLoRA: a dequantized base)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", "--output-dir", help="Where to write; default: <run>/export for a run."
+    ),
+    merge: bool = typer.Option(
+        False, "--merge", "--merge-lora", help="Fold a LoRA adapter into its base (QLoRA: a dequantized base)."
+    ),
+    gguf: bool = typer.Option(False, "--gguf", help="Write a GGUF file of the merged model (llama.cpp, Ollama)."),
+    quant: Optional[str] = typer.Option(
+        None,
+        "--quant",
+        "--quantization",
+        "--outtype",
+        "-q",
+        help=f"GGUF tensor type: {', '.join(GGUF_QUANTIZATIONS)} (default {GGUF_DEFAULT}); implies --gguf.",
+    ),
+    ollama: bool = typer.Option(
+        False, "--ollama", help="Also write an Ollama Modelfile (chat template, stop tokens); implies --gguf."
+    ),
+    name: Optional[str] = typer.Option(None, "--name", help="The model's name in the files; default: the run's."),
+    push_to_hub: Optional[str] = typer.Option(
+        None, "--push-to-hub", "--hub-model-id", help="Upload the exported directory to this hub repo (HF_TOKEN)."
+    ),
+    private: bool = typer.Option(False, "--private", help="Create the hub repo private."),
 ) -> None:
-    """Save a trained model as a self-contained Hugging Face directory (safetensors)."""
+    """Save a trained model for serving: a Hugging Face directory (safetensors), a GGUF file, an
+    Ollama Modelfile; each export with its model card (README.md).
+
+    Examples:
+
+      rayft export runs/quickstart --merge                        # merged safetensors in runs/quickstart/export
+
+      rayft export runs/quickstart --gguf --quant q8_0 --ollama   # then: cd runs/quickstart/export && ollama create ...
+
+      rayft export runs/quickstart --merge --gguf --push-to-hub me/quickstart-sft
+    """
+    from rayft.eval.card import write_export_card
+    from rayft.model.trained import default_export_dir
     from rayft.model.trained import export as run_export
 
-    result = run_export(model, out, merge=merge)
-    kind = "LoRA adapter" if result.adapter else "full model" + (" (merged)" if merge else "")
-    log(f"exported {kind} -> {out}")
+    gguf_type = quant or (GGUF_DEFAULT if gguf or ollama else None)
+    out_dir = out or default_export_dir(model)
+    exported = run_export(model, out_dir, merge=merge, gguf=gguf_type, ollama=ollama, name=name)
+    card = write_export_card(exported, command=_command_line(), repo_id=push_to_hub)
+    for line in _export_lines(exported, card):
+        log(line)
+    if push_to_hub:
+        from rayft.model.hub import push_to_hub as push
+
+        pushed = push(exported.out_dir, push_to_hub, private=private)
+        log(f"pushed {pushed.files} files to https://huggingface.co/{pushed.repo_id}: {pushed.commit_url}")
+
+
+def _export_lines(exported: Any, card: str) -> list[str]:
+    what = {
+        "adapter": "LoRA adapter",
+        "full": "full model",
+        "merged": "merged model (safetensors)",
+        "gguf": "GGUF",
+    }[exported.kind]
+    lines = [f"exported {what} -> {exported.out_dir}"]
+    if exported.gguf:
+        file = exported.gguf
+        lines.append(f"  gguf: {file.path} ({file.quantization}, {file.bytes / 1e6:,.1f} MB, {file.tensors} tensors)")
+    if exported.modelfile:
+        tag = exported.ollama_name
+        lines.append(
+            f"  ollama: {exported.modelfile} ({exported.chat_family or 'the GGUF chat template'}): "
+            f"cd {exported.out_dir} && ollama create {tag} -f Modelfile && ollama run {tag}"
+        )
+    lines.append(f"  model card: {card}")
+    return lines
+
+
+def _command_line() -> str:
+    """The command as typed (`rayft ...`), secrets hidden: what a model card says made the model."""
+    import shlex
+
+    from rayft.spec.secrets import redact_command
+
+    return shlex.join(["rayft", *redact_command(sys.argv[1:])])
 
 
 @app.command()

@@ -32,7 +32,8 @@ def print_summary(summary: RunSummary) -> None:
         ("eval loss", _num(summary.eval_loss)),
         (
             "steps",
-            f"{summary.steps}" + (f" (resumed from step {summary.resumed_from_step})" if summary.resumed_from_step else ""),
+            f"{summary.steps}"
+            + (f" (resumed from step {summary.resumed_from_step})" if summary.resumed_from_step else ""),
         ),
         ("tokens", f"{summary.tokens:,} ({summary.trained_tokens:,} trained)"),
         ("throughput", f"{summary.tokens_per_second:,.0f} tokens/s"),

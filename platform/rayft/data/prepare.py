@@ -161,6 +161,7 @@ def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, secon
         "key": entry.key,
         "seconds": round(seconds, 2),
         "counts": summary["counts"],
+        "sources": _source_counts(spec, entry, summary.get("sources", {})),
         "skipped_examples": summary["errors"],
         "splits": totals,
         "files": files,
@@ -173,6 +174,16 @@ def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, secon
         storage.delete_dir(entry.root)  # a forced re-prepare replaces the old result
         storage.move_dir(staging, entry.root)
     return stats
+
+
+def _source_counts(spec: JobSpec, entry: CacheEntry, by_source: dict[int, dict[str, int]]) -> list[dict[str, Any]]:
+    """Records read, kept and dropped per source (train sources first, then eval ones), for the
+    model card's data section."""
+    sources = [("train", s) for s in spec.data.train] + [("eval", s) for s in spec.data.eval or []]
+    return [
+        {"path": source.path, "split": split, "files": len(entry.files[index]), **by_source.get(index, {})}
+        for index, (split, source) in enumerate(sources)
+    ]
 
 
 def _nothing_left(spec: JobSpec, entry: CacheEntry, summary: dict[str, Any]) -> str:
