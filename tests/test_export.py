@@ -385,6 +385,42 @@ def test_export_without_a_run_needs_out_and_push_to_hub_stops_at_offline_mode(ti
     assert f"llama-cli -m {tiny_llama.name}-f16.gguf" in card and "hf upload me/tiny ." in card
 
 
+def test_run_model_cards_say_how_the_model_was_made(
+    tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README.md in model/ (and model-merged/), as `rayft train` writes them after its report:
+    the hub's metadata header, hyperparameters, per-source record counts, evaluation, command."""
+    from huggingface_hub import ModelCard
+
+    from rayft.eval.card import write_run_cards
+
+    secret = "wandb_CardSecret0123456789"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    run = fake_run(tmp_path, tiny_llama, chat_data, secret)
+    prepared = tmp_path / "prepared" / "key"
+    prepared.mkdir(parents=True)
+    sources = [
+        {"path": str(chat_data["train"]), "split": "train", "files": 1, "records": 70, "kept": 64, "duplicate": 6},
+        {"path": str(chat_data["eval"]), "split": "eval", "files": 1, "records": 16, "kept": 16},
+    ]
+    counts = {"records": 86, "kept": 80, "duplicate": 6}
+    (prepared / "stats.json").write_text(json.dumps({"sources": sources, "counts": counts, "splits": {}}))
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "prepared": str(prepared)}))
+
+    written = write_run_cards(str(run))
+    assert written == [f"{run}/model/README.md"]  # no model-merged/ in this run
+    card = ModelCard.load(run / "model" / "README.md")
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
+    assert "lora" in card.data.tags and "gguf" not in card.data.tags
+    text = card.text
+    assert "AutoPeftModelForCausalLM" in text and "r=4, alpha=8" in text
+    train_row = next(line for line in text.splitlines() if str(chat_data["train"]) in line and "| train |" in line)
+    assert "| 70 | 64 | duplicate 6 |" in train_row
+    assert "86 records read, 80 kept; dropped: duplicate 6" in text
+    assert_secret_nowhere(secret, run / "model")
+
+
 def test_command_line_redaction() -> None:
     from rayft.spec.secrets import redact_command
 

@@ -345,18 +345,18 @@ def _data_blocks(spec: dict[str, Any], stats: dict[str, Any]) -> list[Block]:
             for split, values in splits.items()
         ]
         out.append(("table", ["split", "samples", "rows", "tokens", "trained tokens"], table))
-        counts = stats.get("counts") or {}
-        if counts:
-            dropped = {k: v for k, v in counts.items() if k not in ("records", "kept") and v}
-            out.append(
-                (
-                    "p",
-                    f"In all: {counts.get('records', 0):,} records read, {counts.get('kept', 0):,} kept"
-                    + (f"; dropped: {', '.join(f'{k} {v:,}' for k, v in sorted(dropped.items()))}" if dropped else "")
-                    + (f" (packed into rows of {stats['max_length']} tokens)" if stats.get("packing") else "")
-                    + ".",
-                )
+    counts = stats.get("counts") or {}
+    if counts:
+        dropped = {k: v for k, v in counts.items() if k not in ("records", "kept") and v}
+        out.append(
+            (
+                "p",
+                f"In all: {counts.get('records', 0):,} records read, {counts.get('kept', 0):,} kept"
+                + (f"; dropped: {', '.join(f'{k} {v:,}' for k, v in sorted(dropped.items()))}" if dropped else "")
+                + (f" (packed into rows of {stats['max_length']} tokens)" if stats.get("packing") else "")
+                + ".",
             )
+        )
     return out
 
 
