@@ -426,3 +426,27 @@ def test_command_line_redaction() -> None:
 
     words = ["train", "spec.yaml", "tracking.wandb.api_key=abc123456", "train.learning_rate=1e-4"]
     assert redact_command(words) == ["train", "spec.yaml", "tracking.wandb.api_key=***", "train.learning_rate=1e-4"]
+
+
+def test_every_command_help_shows_an_example() -> None:
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from rayft.cli.app import app
+
+    def leaves(group: Any, prefix: list[str]) -> list[list[str]]:
+        found = []
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):  # a group: data, jobs, k8s
+                found += leaves(command, [*prefix, name])
+            else:
+                found.append([*prefix, name])
+        return found
+
+    commands = leaves(get_command(app), [])
+    assert ["export"] in commands and ["jobs", "logs"] in commands
+    runner = CliRunner()
+    for words in commands:
+        result = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, words
+        assert re.search(rf"Examples?:\s+rayft {' '.join(words)} ", result.output), f"rayft {' '.join(words)} --help"

@@ -119,7 +119,12 @@ def _record_command(run_dir: Any) -> None:
 def validate(
     spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt
 ) -> None:
-    """Print the fully resolved spec (defaults filled in, secrets hidden) or what is wrong."""
+    """Print the fully resolved spec (defaults filled in, secrets hidden) or what is wrong.
+
+    Example:
+
+      rayft validate configs/qwen2.5-7b-qlora.yaml -p configs/profiles/gpu-1xL4.yaml
+    """
     import yaml
 
     from rayft.train.preflight import preflight
@@ -144,7 +149,14 @@ def train(
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Base vs tuned on held-out prompts at the end."),
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Fine-tune as the spec says; resumes a run with the same name unless --fresh."""
+    """Fine-tune as the spec says; resumes a run with the same name unless --fresh.
+
+    Examples:
+
+      rayft train configs/quickstart.yaml
+
+      rayft train configs/llama3.2-1b-lora.yaml -p configs/profiles/gpu-1xL4.yaml train.learning_rate=1e-4
+    """
     from rayft.cli.views import print_comparison, print_held_out_loss, print_summary
     from rayft.eval.compare import before_after
     from rayft.train.driver import fit
@@ -175,7 +187,12 @@ def tune(
     fresh: bool = typer.Option(False, "--fresh", help="Start the sweep over."),
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Sweep the spec's tune.search_space: every trial a multi-worker run; resumes when rerun."""
+    """Sweep the spec's tune.search_space: every trial a multi-worker run; resumes when rerun.
+
+    Example:
+
+      rayft tune configs/sweep-quickstart.yaml
+    """
     from rayft.cli.views import print_sweep
     from rayft.tune.sweep import sweep
 
@@ -198,7 +215,12 @@ def prepare(
     force: bool = typer.Option(False, "--force", help="Ignore the cache."),
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Run the data pipeline on Ray Data (or reuse its cache) and print its statistics."""
+    """Run the data pipeline on Ray Data (or reuse its cache) and print its statistics.
+
+    Example:
+
+      rayft prepare configs/quickstart.yaml --force
+    """
     from rayft.data.prepare import prepare as run_prepare
     from rayft.model import load_tokenizer, materialized_dir
     from rayft.train.preflight import preflight
@@ -220,7 +242,12 @@ def data_preview(
     split: str = typer.Option("train", help="train or eval"),
     address: Optional[str] = AddressOpt,
 ) -> None:
-    """A few processed examples with the trained tokens highlighted, and the data statistics."""
+    """A few processed examples with the trained tokens highlighted, and the data statistics.
+
+    Example:
+
+      rayft data preview configs/quickstart.yaml -n 5
+    """
     from rayft.cli.preview import preview
     from rayft.train.preflight import preflight
 
@@ -329,7 +356,14 @@ def generate(
     temperature: float = typer.Option(0.7),
     system: Optional[str] = typer.Option(None, help="A system prompt."),
 ) -> None:
-    """Answer prompts with a trained model, using its chat template."""
+    """Answer prompts with a trained model, using its chat template.
+
+    Examples:
+
+      rayft generate runs/quickstart "What is 7 + 5?"
+
+      rayft generate runs/quickstart -f prompts.jsonl --max-new-tokens 64
+    """
     from rayft.cli.chat import prompts_from
     from rayft.eval.generation import generate as run_generate
     from rayft.model.trained import load_trained
@@ -350,7 +384,12 @@ def chat(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     system: Optional[str] = typer.Option(None),
 ) -> None:
-    """Talk to a trained model. /reset starts over, /exit (or Ctrl-D) leaves."""
+    """Talk to a trained model. /reset starts over, /exit (or Ctrl-D) leaves.
+
+    Example:
+
+      rayft chat runs/quickstart --system "Answer briefly."
+    """
     from rayft.cli.chat import chat_loop
     from rayft.model.trained import load_trained
 
@@ -372,7 +411,12 @@ def plan(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
-    """Will the job fit, and how long will it take? From the model's config alone, before renting a GPU."""
+    """Will the job fit, and how long will it take? From the model's config alone, before renting a GPU.
+
+    Example:
+
+      rayft plan configs/llama3.1-8b-qlora.yaml -p configs/profiles/gpu-1xA100-80G.yaml --tokens 20000000
+    """
     from rayft.cli.plan_view import render
     from rayft.plan import estimate
 
@@ -404,7 +448,14 @@ def eval_(
     address: Optional[str] = AddressOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Base vs tuned on the held-out data: loss, perplexity, answers and their scores; then the report."""
+    """Base vs tuned on the held-out data: loss, perplexity, answers and their scores; then the report.
+
+    Examples:
+
+      rayft eval configs/quickstart.yaml
+
+      rayft eval configs/quickstart.yaml --checkpoint runs/quickstart/checkpoint_000020
+    """
     from rayft.cli.views import print_comparison, print_held_out_loss
     from rayft.eval.compare import evaluate_run
     from rayft.train.run import plan_run
@@ -438,7 +489,12 @@ def eval_(
 def report(
     run: str = typer.Argument(..., help="A run directory (<run.storage_path>/<run.name>), local or s3:// gs://."),
 ) -> None:
-    """Rebuild a run's report: <run>/report/report.md, report.html and the PNG plots."""
+    """Rebuild a run's report: <run>/report/report.md, report.html and the PNG plots.
+
+    Example:
+
+      rayft report runs/quickstart
+    """
     _write_report(run)
 
 
@@ -460,7 +516,12 @@ def submit(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's output until it ends."),
     fresh: bool = typer.Option(False, "--fresh", help="Start the run over instead of resuming it."),
 ) -> None:
-    """Run the job on a cluster through Ray's job server; the exit code is the job's."""
+    """Run the job on a cluster through Ray's job server; the exit code is the job's.
+
+    Example:
+
+      rayft submit configs/quickstart.yaml --address http://HEAD:8265
+    """
     from rayft.launch import submit as jobs
 
     job = _load(spec, overrides, profile)
@@ -482,7 +543,12 @@ def submit(
 @jobs_app.command("list")
 @friendly
 def jobs_list(address: Optional[str] = JobAddressOpt) -> None:
-    """Jobs on the cluster, oldest first."""
+    """Jobs on the cluster, oldest first.
+
+    Example:
+
+      rayft jobs list --address http://HEAD:8265
+    """
     from rayft.launch import submit as jobs
 
     table = Table(show_header=True)
@@ -501,7 +567,12 @@ def jobs_logs(
     address: Optional[str] = JobAddressOpt,
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
 ) -> None:
-    """A job's output."""
+    """A job's output.
+
+    Example:
+
+      rayft jobs logs rayft-quickstart-1a2b --follow
+    """
     from rayft.launch import submit as jobs
 
     jobs.logs(address, job_id, follow, log=log)
@@ -510,7 +581,12 @@ def jobs_logs(
 @jobs_app.command("stop")
 @friendly
 def jobs_stop(job_id: str, address: Optional[str] = JobAddressOpt) -> None:
-    """Stop a running job (its run resumes from the last checkpoint when submitted again)."""
+    """Stop a running job (its run resumes from the last checkpoint when submitted again).
+
+    Example:
+
+      rayft jobs stop rayft-quickstart-1a2b
+    """
     from rayft.launch import submit as jobs
 
     log(f"job {job_id}: {jobs.stop(address, job_id)}")
@@ -535,7 +611,12 @@ def k8s_render(
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the YAML here instead of stdout."),
 ) -> None:
-    """A RayJob and the ConfigMap with its spec, sized by the spec: pipe into `kubectl apply -f -`."""
+    """A RayJob and the ConfigMap with its spec, sized by the spec: pipe into `kubectl apply -f -`.
+
+    Example:
+
+      rayft k8s render configs/llama3.1-8b-qlora.yaml -p configs/profiles/gpu-1xA100-80G.yaml | kubectl apply -f -
+    """
     from rayft.launch import k8s
 
     job = _load(spec, overrides, profile)
