@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,11 @@ from rayft.spec import load_spec
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 PROFILES = sorted((REPO / "configs" / "profiles").glob("*.yaml"))
-LARGE = {
-    "llama3.1-8b-qlora.yaml": "gpu-1xA100-80G.yaml",
-    "llama3.1-8b-lora-zero2.yaml": "gpu-8xA100-80G.yaml",
-    "llama3.1-70b-qlora.yaml": "gpu-8xA100-80G.yaml",
-    "llama3.1-70b-full-zero3-offload.yaml": "gpu-2x8xH100.yaml",
-}
+# What a preset's header says: the profile it is meant for, and the plan's figures for it.
+PROFILE_IN_HEADER = re.compile(r"^#.*rayft (?:plan|train)\s+configs/\S+ -p (configs/profiles/\S+\.yaml)", re.M)
+PLAN_NOTE = re.compile(r"^# rayft plan says: fits, ([\d.]+) GiB of (\d+) GiB a worker; ([\d.]+) h an epoch", re.M)
+NOTE_TOKENS = 10_000_000
+WITH_PROFILE = [p for p in CONFIGS if PROFILE_IN_HEADER.search(p.read_text())]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -31,18 +31,55 @@ def test_every_config_is_valid_on_cpu(path: Path) -> None:
     resolve_source(spec.model)
 
 
-@pytest.mark.parametrize("config, profile", LARGE.items())
-def test_large_llama_specs_fit_their_gpu_profile(config: str, profile: str) -> None:
-    base = load_spec(REPO / "configs" / config)
-    gpu = load_spec(REPO / "configs" / config, profiles=[REPO / "configs" / "profiles" / profile])
+def test_every_config_header_shows_its_command() -> None:
+    for path in CONFIGS:
+        header = path.read_text().split("\nmodel:")[0]
+        assert re.search(rf"^#\s+rayft (train|tune|plan)\s+configs/{re.escape(path.name)}", header, re.M), path.name
+
+
+@pytest.mark.parametrize("path", WITH_PROFILE, ids=lambda p: p.name)
+def test_every_preset_fits_its_gpu_profile_as_its_header_says(path: Path) -> None:
+    """Offline: the shapes come from rayft's table, nothing is downloaded."""
+    text = path.read_text()
+    profiles = set(PROFILE_IN_HEADER.findall(text))
+    assert len(profiles) == 1, f"{path.name}: its commands name different profiles {profiles}"
+    profile = REPO / profiles.pop()
+    base, gpu = load_spec(path), load_spec(path, profiles=[profile])
     assert gpu.scaling.use_gpu and gpu.precision == "bf16"
     # the profile changes the scaling (and precision), nothing else
     assert gpu.model == base.model and gpu.data == base.data and gpu.train == base.train
     assert gpu.method.model_copy(update={"precision": "auto"}) == base.method
-    plan = estimate(gpu, tokens=20_000_000)
-    assert plan.fits, (
-        f"{config} with {profile}: {plan.total_bytes / 2**30:.1f} GiB > {plan.capacity_bytes / 2**30:.0f} GiB"
-    )
+    plan = estimate(gpu, tokens=NOTE_TOKENS)
+    assert plan.fits, f"{path.name}: {plan.total_bytes / 2**30:.1f} GiB > {plan.capacity_bytes / 2**30:.0f} GiB"
+    note = PLAN_NOTE.search(text)
+    assert note, f"{path.name}: no '# rayft plan says: ...' line in its header"
+    total, capacity, hours = float(note[1]), float(note[2]), float(note[3])
+    # the note is what the planner says today (rerun `rayft plan ... --tokens 10000000` when it changes)
+    assert total == pytest.approx(plan.total_bytes / 2**30, abs=0.02), path.name
+    assert capacity == pytest.approx(plan.capacity_bytes / 2**30, abs=0.5), path.name
+    assert plan.seconds_per_epoch is not None
+    assert hours == pytest.approx(plan.seconds_per_epoch / 3600, abs=0.051), path.name
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p not in WITH_PROFILE], ids=lambda p: p.name)
+def test_cpu_configs_plan_offline(path: Path) -> None:
+    spec = load_spec(path)
+    if spec.model.path.startswith("pkg:") and importlib.util.find_spec(spec.model.path[4:].split("/")[0]) is None:
+        pytest.skip(f"{spec.model.path}: its package is not installed (make setup installs it)")
+    plan = estimate(spec, tokens=NOTE_TOKENS, accelerator="cpu", memory_gib=16)
+    assert plan.fits and plan.workers == 2
+
+
+def test_the_sweep_config_searches_learning_rate_and_rank_with_asha() -> None:
+    from rayft.tune.space import scheduler, search_space
+
+    spec = load_spec(REPO / "configs" / "sweep-quickstart.yaml")
+    assert spec.tune is not None and set(spec.tune.search_space) == {"train.learning_rate", "method.lora.r"}
+    assert spec.tune.scheduler.kind == "asha" and spec.tune.num_samples >= 4
+    assert set(search_space(spec.tune)) == {"train.learning_rate", "method.lora.r"}
+    assert type(scheduler(spec)).__name__ == "AsyncHyperBandScheduler"
+    # ASHA needs several reports a trial to stop the poor ones
+    assert spec.step_plan(198).eval_every * 3 <= spec.train.max_steps
 
 
 def test_profiles_only_touch_scaling_and_precision() -> None:

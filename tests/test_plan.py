@@ -56,6 +56,17 @@ def gpu(workers: int = 1, accelerator: str = "A100-80G") -> dict[str, Any]:
         ("SmolLM2-135M", 134.5e6),
         ("SmolLM2-360M", 361.8e6),
         ("SmolLM2-1.7B", 1.711e9),
+        ("Qwen2.5-0.5B", 0.494e9),
+        ("Qwen2.5-1.5B", 1.544e9),
+        ("Qwen2.5-3B", 3.086e9),
+        ("Qwen2.5-7B", 7.616e9),
+        ("Qwen3-0.6B", 0.596e9),
+        ("Qwen3-1.7B", 1.720e9),
+        ("Qwen3-4B", 4.022e9),
+        ("Qwen3-8B", 8.191e9),
+        ("Mistral-7B-v0.3", 7.248e9),
+        ("gemma-2-2b", 2.614e9),
+        ("gemma-2-9b", 9.242e9),
     ],
 )
 def test_built_in_shapes_match_published_parameter_counts(name: str, published: float) -> None:
@@ -67,6 +78,19 @@ def test_built_in_shapes_match_published_parameter_counts(name: str, published: 
 )
 def test_hub_names_resolve_to_the_table(path: str) -> None:
     assert model_shape(path).name == "Llama-3.1-8B"
+
+
+@pytest.mark.parametrize(
+    "path, name",
+    [
+        ("mistralai/Mistral-7B-Instruct-v0.3", "Mistral-7B-v0.3"),
+        ("google/gemma-2-9b-it", "gemma-2-9b"),
+        ("Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B"),
+        ("Qwen/Qwen3-0.6B-Base", "Qwen3-0.6B"),
+    ],
+)
+def test_instruct_and_it_variants_resolve_to_their_base_shape(path: str, name: str) -> None:
+    assert model_shape(path).name == name
 
 
 def test_smollm2_hub_id_and_its_gguf_header_agree() -> None:

@@ -118,6 +118,10 @@ def test_globs_directories_weights_and_dedup(ray_cluster, tiny_llama, tmp_path) 
         {"train": [str(tmp_path / "shards"), str(tmp_path / "shards" / "part-0.jsonl")], "eval_fraction": 0.0},
     )
     assert again.stats["counts"]["duplicate"] == 20
+    # per source, for the model card: which copy of part-0 counts as the duplicate depends on read order
+    sources = again.stats["sources"]
+    assert [(s["split"], s["files"], s["records"]) for s in sources] == [("train", 2, 40), ("train", 1, 20)]
+    assert sum(s.get("kept", 0) for s in sources) == 40 and sum(s.get("duplicate", 0) for s in sources) == 20
     assert again.stats["splits"]["train"]["samples"] == 40
 
 

@@ -89,6 +89,8 @@ def test_training_on_s3_storage_and_resuming_from_it(
         "on-s3/metrics.jsonl",
         "on-s3/eval.json",
         "on-s3/model/adapter_model.safetensors",
+        "on-s3/model/README.md",  # the model card, written with the report
+        "on-s3/command.json",
         "on-s3/checkpoint_000004/checkpoint/trainer_state.json",
         "on-s3/checkpoint_000002/checkpoint/adapter_model.safetensors",
     ):

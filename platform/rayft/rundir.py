@@ -4,11 +4,13 @@
   <run.name>/                       a run directory (RunDir)
     .rayft-run                      marks a directory rayft made (`--fresh` deletes only those)
     spec.yaml                       the resolved spec, secrets hidden
+    command.json                    the rayft command that made the run (for the model card)
     summary.json                    the run summary (rayft.train.result.RunSummary)
     metrics.jsonl                   one line per trainer log: step, time, losses, tokens/s
     eval.json, eval-<ckpt>.json     held-out loss and base-vs-tuned answers
     lm_eval.json                    lm-evaluation-harness results
-    model/, model-merged/           the trained model (adapter or weights), LoRA merged
+    model/, model-merged/           the trained model (adapter or weights), LoRA merged; each with README.md
+    export/                         `rayft export RUN`'s default output (merged, GGUF, Modelfile, README.md)
     checkpoint_000040/checkpoint/   Ray Train checkpoints, each holding an HF checkpoint
     checkpoint_manager_snapshot.json  Ray Train's checkpoint registry (read to resume)
     samples/                        which samples each step trained on (run.log_samples)
@@ -62,11 +64,13 @@ class RunDir:
 
     marker = property(lambda self: self._file(RUN_MARKER))
     spec = property(lambda self: self._file("spec.yaml"))
+    command = property(lambda self: self._file("command.json"))
     summary = property(lambda self: self._file("summary.json"))
     metrics = property(lambda self: self._file("metrics.jsonl"))
     lm_eval = property(lambda self: self._file("lm_eval.json"))
     model = property(lambda self: self._file("model"))
     merged_model = property(lambda self: self._file("model-merged"))
+    export = property(lambda self: self._file("export"))
     checkpoint_registry = property(lambda self: self._file(RAY_CHECKPOINT_REGISTRY))
     samples = property(lambda self: self._file("samples"))
     wandb = property(lambda self: self._file("wandb"))

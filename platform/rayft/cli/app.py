@@ -16,6 +16,8 @@ from rich.table import Table
 
 from rayft.cli.views import console, log
 from rayft.errors import RayftError
+from rayft.model.gguf_export import DEFAULT_QUANTIZATION as GGUF_DEFAULT
+from rayft.model.gguf_export import QUANTIZATIONS as GGUF_QUANTIZATIONS
 from rayft.quiet import silence_libraries
 from rayft.spec import JobSpec, load_spec
 
@@ -93,10 +95,23 @@ def _connect(address: Optional[str], verbose: bool = False, quiet: bool = False)
 
 
 def _write_report(run_dir: str) -> None:
+    """The run's report, and the model cards (README.md) of its model directories."""
     from rayft.cli.views import print_report_written
+    from rayft.eval.card import write_run_cards
     from rayft.eval.report import build_report
 
     print_report_written(build_report(run_dir))
+    for card in write_run_cards(run_dir):
+        log(f"model card: {card}")
+
+
+def _record_command(run_dir: Any) -> None:
+    """<run>/command.json: the command that made the run, for its model cards."""
+    import json
+
+    from rayft import storage
+
+    storage.write_text(run_dir.command, json.dumps({"command": _command_line()}, indent=2))
 
 
 @app.command()
@@ -104,7 +119,12 @@ def _write_report(run_dir: str) -> None:
 def validate(
     spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg, profile: list[Path] = ProfileOpt
 ) -> None:
-    """Print the fully resolved spec (defaults filled in, secrets hidden) or what is wrong."""
+    """Print the fully resolved spec (defaults filled in, secrets hidden) or what is wrong.
+
+    Example:
+
+      rayft validate configs/qwen2.5-7b-qlora.yaml -p configs/profiles/gpu-1xL4.yaml
+    """
     import yaml
 
     from rayft.train.preflight import preflight
@@ -129,7 +149,14 @@ def train(
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Base vs tuned on held-out prompts at the end."),
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Fine-tune as the spec says; resumes a run with the same name unless --fresh."""
+    """Fine-tune as the spec says; resumes a run with the same name unless --fresh.
+
+    Examples:
+
+      rayft train configs/quickstart.yaml
+
+      rayft train configs/llama3.2-1b-lora.yaml -p configs/profiles/gpu-1xL4.yaml train.learning_rate=1e-4
+    """
     from rayft.cli.views import print_comparison, print_held_out_loss, print_summary
     from rayft.eval.compare import before_after
     from rayft.train.driver import fit
@@ -138,6 +165,7 @@ def train(
     job = _load(spec, overrides, profile)
     _connect(address, verbose)
     plan = plan_run(job, log=log, fresh=fresh)
+    _record_command(plan.run_dir)
     summary = fit(plan, log=log)
     print_summary(summary)
     if compare and job.eval.before_after:
@@ -159,7 +187,12 @@ def tune(
     fresh: bool = typer.Option(False, "--fresh", help="Start the sweep over."),
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Sweep the spec's tune.search_space: every trial a multi-worker run; resumes when rerun."""
+    """Sweep the spec's tune.search_space: every trial a multi-worker run; resumes when rerun.
+
+    Example:
+
+      rayft tune configs/sweep-quickstart.yaml
+    """
     from rayft.cli.views import print_sweep
     from rayft.tune.sweep import sweep
 
@@ -182,7 +215,12 @@ def prepare(
     force: bool = typer.Option(False, "--force", help="Ignore the cache."),
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Run the data pipeline on Ray Data (or reuse its cache) and print its statistics."""
+    """Run the data pipeline on Ray Data (or reuse its cache) and print its statistics.
+
+    Example:
+
+      rayft prepare configs/quickstart.yaml --force
+    """
     from rayft.data.prepare import prepare as run_prepare
     from rayft.model import load_tokenizer, materialized_dir
     from rayft.train.preflight import preflight
@@ -204,7 +242,12 @@ def data_preview(
     split: str = typer.Option("train", help="train or eval"),
     address: Optional[str] = AddressOpt,
 ) -> None:
-    """A few processed examples with the trained tokens highlighted, and the data statistics."""
+    """A few processed examples with the trained tokens highlighted, and the data statistics.
+
+    Example:
+
+      rayft data preview configs/quickstart.yaml -n 5
+    """
     from rayft.cli.preview import preview
     from rayft.train.preflight import preflight
 
@@ -218,15 +261,86 @@ def data_preview(
 @friendly
 def export(
     model: Path = typer.Argument(..., help="A run directory, a checkpoint, or a model directory."),
-    out: Path = typer.Option(..., "--out", "-o", help="Where to write the HF directory."),
-    merge: bool = typer.Option(False, "--merge", help="Fold a LoRA adapter into its base (QLoRA: a dequantized base)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", "--output-dir", help="Where to write; default: <run>/export for a run."
+    ),
+    merge: bool = typer.Option(
+        False, "--merge", "--merge-lora", help="Fold a LoRA adapter into its base (QLoRA: a dequantized base)."
+    ),
+    gguf: bool = typer.Option(False, "--gguf", help="Write a GGUF file of the merged model (llama.cpp, Ollama)."),
+    quant: Optional[str] = typer.Option(
+        None,
+        "--quant",
+        "--quantization",
+        "--outtype",
+        "-q",
+        help=f"GGUF tensor type: {', '.join(GGUF_QUANTIZATIONS)} (default {GGUF_DEFAULT}); implies --gguf.",
+    ),
+    ollama: bool = typer.Option(
+        False, "--ollama", help="Also write an Ollama Modelfile (chat template, stop tokens); implies --gguf."
+    ),
+    name: Optional[str] = typer.Option(None, "--name", help="The model's name in the files; default: the run's."),
+    push_to_hub: Optional[str] = typer.Option(
+        None, "--push-to-hub", "--hub-model-id", help="Upload the exported directory to this hub repo (HF_TOKEN)."
+    ),
+    private: bool = typer.Option(False, "--private", help="Create the hub repo private."),
 ) -> None:
-    """Save a trained model as a self-contained Hugging Face directory (safetensors)."""
+    """Save a trained model for serving: a Hugging Face directory (safetensors), a GGUF file, an
+    Ollama Modelfile; each export with its model card (README.md).
+
+    Examples:
+
+      rayft export runs/quickstart --merge                        # merged safetensors in runs/quickstart/export
+
+      rayft export runs/quickstart --gguf --quant q8_0 --ollama   # then: cd runs/quickstart/export && ollama create ...
+
+      rayft export runs/quickstart --merge --gguf --push-to-hub me/quickstart-sft
+    """
+    from rayft.eval.card import write_export_card
+    from rayft.model.trained import default_export_dir
     from rayft.model.trained import export as run_export
 
-    result = run_export(model, out, merge=merge)
-    kind = "LoRA adapter" if result.adapter else "full model" + (" (merged)" if merge else "")
-    log(f"exported {kind} -> {out}")
+    gguf_type = quant or (GGUF_DEFAULT if gguf or ollama else None)
+    out_dir = out or default_export_dir(model)
+    exported = run_export(model, out_dir, merge=merge, gguf=gguf_type, ollama=ollama, name=name)
+    card = write_export_card(exported, command=_command_line(), repo_id=push_to_hub)
+    for line in _export_lines(exported, card):
+        log(line)
+    if push_to_hub:
+        from rayft.model.hub import push_to_hub as push
+
+        pushed = push(exported.out_dir, push_to_hub, private=private)
+        log(f"pushed {pushed.files} files to https://huggingface.co/{pushed.repo_id}: {pushed.commit_url}")
+
+
+def _export_lines(exported: Any, card: str) -> list[str]:
+    what = {
+        "adapter": "LoRA adapter",
+        "full": "full model",
+        "merged": "merged model (safetensors)",
+        "gguf": "GGUF",
+    }[exported.kind]
+    lines = [f"exported {what} -> {exported.out_dir}"]
+    if exported.gguf:
+        file = exported.gguf
+        lines.append(f"  gguf: {file.path} ({file.quantization}, {file.bytes / 1e6:,.1f} MB, {file.tensors} tensors)")
+    if exported.modelfile:
+        tag = exported.ollama_name
+        lines.append(
+            f"  ollama: {exported.modelfile} ({exported.chat_family or 'the GGUF chat template'}): "
+            f"cd {exported.out_dir} && ollama create {tag} -f Modelfile && ollama run {tag}"
+        )
+    lines.append(f"  model card: {card}")
+    return lines
+
+
+def _command_line() -> str:
+    """The command as typed (`rayft ...`), secrets hidden: what a model card says made the model."""
+    import shlex
+
+    from rayft.spec.secrets import redact_command
+
+    return shlex.join(["rayft", *redact_command(sys.argv[1:])])
 
 
 @app.command()
@@ -242,7 +356,14 @@ def generate(
     temperature: float = typer.Option(0.7),
     system: Optional[str] = typer.Option(None, help="A system prompt."),
 ) -> None:
-    """Answer prompts with a trained model, using its chat template."""
+    """Answer prompts with a trained model, using its chat template.
+
+    Examples:
+
+      rayft generate runs/quickstart "What is 7 + 5?"
+
+      rayft generate runs/quickstart -f prompts.jsonl --max-new-tokens 64
+    """
     from rayft.cli.chat import prompts_from
     from rayft.eval.generation import generate as run_generate
     from rayft.model.trained import load_trained
@@ -263,7 +384,12 @@ def chat(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     system: Optional[str] = typer.Option(None),
 ) -> None:
-    """Talk to a trained model. /reset starts over, /exit (or Ctrl-D) leaves."""
+    """Talk to a trained model. /reset starts over, /exit (or Ctrl-D) leaves.
+
+    Example:
+
+      rayft chat runs/quickstart --system "Answer briefly."
+    """
     from rayft.cli.chat import chat_loop
     from rayft.model.trained import load_trained
 
@@ -285,7 +411,12 @@ def plan(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
-    """Will the job fit, and how long will it take? From the model's config alone, before renting a GPU."""
+    """Will the job fit, and how long will it take? From the model's config alone, before renting a GPU.
+
+    Example:
+
+      rayft plan configs/llama3.1-8b-qlora.yaml -p configs/profiles/gpu-1xA100-80G.yaml --tokens 20000000
+    """
     from rayft.cli.plan_view import render
     from rayft.plan import estimate
 
@@ -317,7 +448,14 @@ def eval_(
     address: Optional[str] = AddressOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Base vs tuned on the held-out data: loss, perplexity, answers and their scores; then the report."""
+    """Base vs tuned on the held-out data: loss, perplexity, answers and their scores; then the report.
+
+    Examples:
+
+      rayft eval configs/quickstart.yaml
+
+      rayft eval configs/quickstart.yaml --checkpoint runs/quickstart/checkpoint_000020
+    """
     from rayft.cli.views import print_comparison, print_held_out_loss
     from rayft.eval.compare import evaluate_run
     from rayft.train.run import plan_run
@@ -351,7 +489,12 @@ def eval_(
 def report(
     run: str = typer.Argument(..., help="A run directory (<run.storage_path>/<run.name>), local or s3:// gs://."),
 ) -> None:
-    """Rebuild a run's report: <run>/report/report.md, report.html and the PNG plots."""
+    """Rebuild a run's report: <run>/report/report.md, report.html and the PNG plots.
+
+    Example:
+
+      rayft report runs/quickstart
+    """
     _write_report(run)
 
 
@@ -373,7 +516,12 @@ def submit(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's output until it ends."),
     fresh: bool = typer.Option(False, "--fresh", help="Start the run over instead of resuming it."),
 ) -> None:
-    """Run the job on a cluster through Ray's job server; the exit code is the job's."""
+    """Run the job on a cluster through Ray's job server; the exit code is the job's.
+
+    Example:
+
+      rayft submit configs/quickstart.yaml --address http://HEAD:8265
+    """
     from rayft.launch import submit as jobs
 
     job = _load(spec, overrides, profile)
@@ -395,7 +543,12 @@ def submit(
 @jobs_app.command("list")
 @friendly
 def jobs_list(address: Optional[str] = JobAddressOpt) -> None:
-    """Jobs on the cluster, oldest first."""
+    """Jobs on the cluster, oldest first.
+
+    Example:
+
+      rayft jobs list --address http://HEAD:8265
+    """
     from rayft.launch import submit as jobs
 
     table = Table(show_header=True)
@@ -414,7 +567,12 @@ def jobs_logs(
     address: Optional[str] = JobAddressOpt,
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
 ) -> None:
-    """A job's output."""
+    """A job's output.
+
+    Example:
+
+      rayft jobs logs rayft-quickstart-1a2b --follow
+    """
     from rayft.launch import submit as jobs
 
     jobs.logs(address, job_id, follow, log=log)
@@ -423,7 +581,12 @@ def jobs_logs(
 @jobs_app.command("stop")
 @friendly
 def jobs_stop(job_id: str, address: Optional[str] = JobAddressOpt) -> None:
-    """Stop a running job (its run resumes from the last checkpoint when submitted again)."""
+    """Stop a running job (its run resumes from the last checkpoint when submitted again).
+
+    Example:
+
+      rayft jobs stop rayft-quickstart-1a2b
+    """
     from rayft.launch import submit as jobs
 
     log(f"job {job_id}: {jobs.stop(address, job_id)}")
@@ -448,7 +611,12 @@ def k8s_render(
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the YAML here instead of stdout."),
 ) -> None:
-    """A RayJob and the ConfigMap with its spec, sized by the spec: pipe into `kubectl apply -f -`."""
+    """A RayJob and the ConfigMap with its spec, sized by the spec: pipe into `kubectl apply -f -`.
+
+    Example:
+
+      rayft k8s render configs/llama3.1-8b-qlora.yaml -p configs/profiles/gpu-1xA100-80G.yaml | kubectl apply -f -
+    """
     from rayft.launch import k8s
 
     job = _load(spec, overrides, profile)

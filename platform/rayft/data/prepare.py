@@ -198,6 +198,7 @@ def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, secon
         "key": entry.key,
         "seconds": round(seconds, 2),
         "counts": summary["counts"],
+        "sources": _source_counts(spec, entry, summary.get("sources", {})),
         "skipped_examples": summary["errors"],
         "splits": totals,
         "files": files,
@@ -221,6 +222,16 @@ def _rejected(rejected: dict[str, int], examples: list[str]) -> str:
         f"{total:,} record(s) cannot be trained as the chat template renders them for inference ({reasons}); "
         f"nothing was trained. Fix them, or set data.on_error: skip to drop and count them. Examples:\n  {shown}"
     )
+
+
+def _source_counts(spec: JobSpec, entry: CacheEntry, by_source: dict[int, dict[str, int]]) -> list[dict[str, Any]]:
+    """Records read, kept and dropped per source (train sources first, then eval ones), for the
+    model card's data section."""
+    sources = [("train", s) for s in spec.data.train] + [("eval", s) for s in spec.data.eval or []]
+    return [
+        {"path": source.path, "split": split, "files": len(entry.files[index]), **by_source.get(index, {})}
+        for index, (split, source) in enumerate(sources)
+    ]
 
 
 def _nothing_left(spec: JobSpec, entry: CacheEntry, summary: dict[str, Any]) -> str:

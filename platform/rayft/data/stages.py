@@ -79,10 +79,12 @@ def sample_id(source: int, file: int, index: int, copy: int = 0) -> int:
 
 
 class Ledger:
-    """Counts per drop reason, examples of skipped records, and seen-hashes for dedup."""
+    """Counts per drop reason (in all and per source, for the model card), examples of skipped
+    records, and seen-hashes for dedup."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.by_source: dict[int, Counter[str]] = {}
         self.errors: list[str] = []
         self.seen: set[int] = set()
 
@@ -93,13 +95,19 @@ class Ledger:
             self.seen.add(value)
         return fresh
 
-    def add(self, counts: dict[str, int], errors: tuple[str, ...] | list[str] = ()) -> None:
+    def add(self, counts: dict[str, int], errors: tuple[str, ...] | list[str] = (), source: int | None = None) -> None:
         self.counts.update(counts)
+        if source is not None:
+            self.by_source.setdefault(source, Counter()).update(counts)
         room = MAX_ERRORS_KEPT - len(self.errors)
         self.errors.extend(list(errors)[: max(room, 0)])
 
     def summary(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "errors": list(self.errors)}
+        return {
+            "counts": dict(self.counts),
+            "errors": list(self.errors),
+            "sources": {index: dict(counts) for index, counts in sorted(self.by_source.items())},
+        }
 
 
 LedgerActor = ray.remote(num_cpus=0)(Ledger)  # one per pipeline run, on the driver's node
@@ -182,18 +190,18 @@ class SampleSource(Datasource):
             kind = "text" if "text" in sample else "chat"
             rows.append((key, split, kind, json.dumps(sample, ensure_ascii=False), f"{chunk.path}:{line}"))
             if len(rows) >= BLOCK_ROWS:
-                yield self._block(rows, counts, errors, options)
+                yield self._block(rows, counts, errors, chunk.source)
                 rows, counts, errors = [], Counter(), []
-        yield self._block(rows, counts, errors, options)
+        yield self._block(rows, counts, errors, chunk.source)
 
     def _block(
         self,
         rows: list[tuple[tuple[int, int, int], str, str, str, str]],
         counts: Counter,
         errors: list[str],
-        options: SourceOptions,
+        source: int,
     ) -> pa.Table:
-        filters = self.data.filters
+        options, filters = self.sources[source], self.data.filters
         if rows and (filters.dedup or filters.near_dedup):
             samples = [json.loads(row[3]) for row in rows]
             keep: np.ndarray = np.ones(len(rows), dtype=bool)
@@ -217,7 +225,7 @@ class SampleSource(Datasource):
                 out["payload"].append(payload)
                 out["where"].append(where)
         counts["kept"] += len(rows)
-        ray.get(self.ledger.add.remote(dict(counts), errors))
+        ray.get(self.ledger.add.remote(dict(counts), errors, source))
         return pa.table(out, schema=SAMPLES_SCHEMA)
 
 

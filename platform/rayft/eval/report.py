@@ -139,7 +139,7 @@ def _mean(values: Sequence[float]) -> float:
 
 # --------------------------------------------------------------------------------- blocks
 # The report is a list of blocks, rendered once as markdown and once as HTML:
-# ("h", level, text) ("p", text) ("table", header, rows) ("img", file, caption) ("code", text)
+# ("h", level, text) ("p", text) ("table", header, rows) ("img", file, caption) ("code", text[, language])
 Block = tuple
 
 
@@ -314,8 +314,8 @@ def to_markdown(content: Sequence[Block]) -> str:
             parts.append("\n".join(lines))
         elif kind == "img":
             parts.append(f"![{block[2]}]({block[1]})")
-        elif kind == "code":
-            parts.append(f"```yaml\n{block[1]}\n```")
+        elif kind == "code":  # ("code", text[, language]): YAML unless said
+            parts.append(f"```{block[2] if len(block) > 2 else 'yaml'}\n{block[1]}\n```")
     return "\n\n".join(parts) + "\n"
 
 

@@ -1,6 +1,7 @@
 """What `rayft plan` computes on: the shape of a model, from its config alone (a local
-config.json, a GGUF file's header, or a built-in table of well-known Llama-style models, so that
-planning needs no network and no weights), and the accelerators it can plan for.
+config.json, a GGUF file's header, or a built-in table of the models users fine-tune most:
+Llama 3.1/3.2, Qwen2.5, Qwen3, Mistral, gemma-2, SmolLM2; so that planning needs no network and
+no weights), and the accelerators it can plan for.
 
 Only dense decoders in the Llama layout (attention q/k/v/o, gated MLP gate/up/down, RMSNorm)
 are described; that covers Llama, Mistral, Qwen2/3 and SmolLM.
@@ -108,6 +109,19 @@ KNOWN_SHAPES: dict[str, ModelShape] = {
         _llama("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152, tied=True),
         _llama("SmolLM2-360M", 960, 2560, 32, 15, 5, 49152, tied=True),
         _llama("SmolLM2-1.7B", 2048, 8192, 24, 32, 32, 49152, tied=True),
+        # Qwen2.5 (q/k/v biases and Qwen3's q/k norms: under 0.1% of the parameters, left out)
+        _llama("Qwen2.5-0.5B", 896, 4864, 24, 14, 2, 151936, tied=True),
+        _llama("Qwen2.5-1.5B", 1536, 8960, 28, 12, 2, 151936, tied=True),
+        _llama("Qwen2.5-3B", 2048, 11008, 36, 16, 2, 151936, tied=True),
+        _llama("Qwen2.5-7B", 3584, 18944, 28, 28, 4, 152064, tied=False),
+        _llama("Qwen3-0.6B", 1024, 3072, 28, 16, 8, 151936, tied=True, head_dim=128),
+        _llama("Qwen3-1.7B", 2048, 6144, 28, 16, 8, 151936, tied=True, head_dim=128),
+        _llama("Qwen3-4B", 2560, 9728, 36, 32, 8, 151936, tied=True, head_dim=128),
+        _llama("Qwen3-8B", 4096, 12288, 36, 32, 8, 151936, tied=False, head_dim=128),
+        _llama("Mistral-7B-v0.3", 4096, 14336, 32, 32, 8, 32768, tied=False),
+        # gemma-2: the same linear layers (GeGLU gate/up/down), two more norms a layer (negligible)
+        _llama("gemma-2-2b", 2304, 9216, 26, 8, 4, 256000, tied=True, head_dim=256),
+        _llama("gemma-2-9b", 3584, 14336, 42, 16, 8, 256000, tied=True, head_dim=256),
     )
 }
 
@@ -118,7 +132,8 @@ def known_name(path: str) -> str:
     name = re.sub(r"\.gguf$", "", name)
     name = re.sub(r"\.(q\d\w*|f16|f32|bf16)$", "", name)  # GGUF quantization suffix
     name = re.sub(r"^meta-", "", name)
-    return re.sub(r"-(instruct|hf|base|chat)$", "", name)
+    # a variant tag at the end, or before a version (Mistral-7B-Instruct-v0.3, gemma-2-9b-it)
+    return re.sub(r"-(instruct|it|hf|base|chat)(?=-v[\d.]+$|$)", "", name)
 
 
 def model_shape(spec_or_path: Any) -> ModelShape:

@@ -65,3 +65,15 @@ def redact_text(text: str, names: tuple[str, ...] | list[str] = ()) -> str:
 
 def contains_secret(text: str, names: tuple[str, ...] | list[str] = ()) -> bool:
     return redact_text(text, names) != text
+
+
+def redact_command(words: list[str] | tuple[str, ...]) -> list[str]:
+    """A command line as it may be written down: a dotted override whose key names a secret
+    (`tracking.wandb.api_key=...`) keeps its key only, and secret values are hidden anywhere."""
+    out = []
+    for word in words:
+        key, equals, value = word.partition("=")
+        if equals and value and SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+            word = f"{key}={REDACTED}"
+        out.append(redact_text(word))
+    return out
