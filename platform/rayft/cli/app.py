@@ -5,7 +5,9 @@ Heavy modules are imported inside the commands, so `rayft --help` and `validate`
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -18,10 +20,14 @@ from rayft.cli.views import console, log
 from rayft.errors import RayftError
 from rayft.model.gguf_export import DEFAULT_QUANTIZATION as GGUF_DEFAULT
 from rayft.model.gguf_export import QUANTIZATIONS as GGUF_QUANTIZATIONS
-from rayft.quiet import silence_libraries
+from rayft.quiet import quiet_env, silence_libraries
 from rayft.spec import JobSpec, load_spec
 
-silence_libraries()  # before transformers/peft pull in DeepSpeed and bitsandbytes, which warn at import
+# Before transformers/peft pull in DeepSpeed and bitsandbytes, which warn at import; commands
+# that load models in this process (export, generate, chat) print no progress bars either.
+os.environ.update({k: v for k, v in quiet_env().items() if k not in os.environ})
+warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecations, not the user's
+silence_libraries()
 
 app = typer.Typer(
     add_completion=False,
