@@ -97,10 +97,9 @@ def available_attention() -> list:
         "flash_attention_2": torch.cuda.is_available() and is_flash_attn_2_available(),
         "flash_attention_3": torch.cuda.is_available() and is_flash_attn_3_available(),
     }
+    slow = [] if torch.cuda.is_available() else ["flex_attention"]
     return [
-        pytest.param(name, marks=pytest.mark.slow) if name == "flex_attention" and not torch.cuda.is_available() else name
-        for name in safe
-        if present.get(name, True)
+        pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in safe if present.get(name, True)
     ]
 
 
