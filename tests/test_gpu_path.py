@@ -168,3 +168,56 @@ def test_plan_states_logits_memory_with_and_without_the_chunked_head() -> None:
     assert "one 4096 x 32768 tile (0.50 GiB)" in note and "(3.9 GiB at 4,096 tokens x 128,256)" in note
     assert "Liger's fused linear cross-entropy" in note
     assert "liger" in plan.method
+
+
+# ------------------------------------------------------------------------- bench/gpu_check
+def gpu_check() -> Any:
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    module_spec = importlib.util.spec_from_file_location("gpu_check", path)
+    assert module_spec and module_spec.loader
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules["gpu_check"] = module  # its dataclasses look their module up
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_packs_rows_and_knows_the_gpus() -> None:
+    check = gpu_check()
+    rows = check.packed_rows(1000, check.GPU_SIZES, 8)
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"]) == sum(row["seq_lengths"]) <= 2048
+        assert len(row["seq_lengths"]) >= 2 and min(row["seq_lengths"]) >= 64
+    assert sum(len(r["input_ids"]) for r in rows) > 0.95 * 8 * 2048  # packed, not padded
+    names = {
+        "NVIDIA H100 80GB HBM3": "H100-80G",
+        "NVIDIA H200": "H200",
+        "NVIDIA A100-SXM4-40GB": "A100-40G",
+        "NVIDIA A100-SXM4-80GB": "A100-80G",
+        "NVIDIA L4": "L4",
+        "Tesla T4": "T4",
+    }
+    assert {name: check.gpu_accelerator(name).name for name in names} == names
+
+
+def test_gpu_check_dry_run_runs_every_method_and_writes_the_table(tmp_path: Any) -> None:
+    """The GPU benchmark's own code on CPU at tiny sizes, so that it cannot rot before a GPU runs it."""
+    import json
+
+    check = gpu_check()
+    assert check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "gpu-cpu-dry-run.json").read_text())["runs"]
+    assert [(r["model"], r["method"]) for r in runs] == [
+        (model, method) for model in ("tiny-llama", "tiny-smollm2") for method in ("lora", "qlora", "full")
+    ]
+    assert all(r["status"] == "ok" and r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1 for r in runs), runs
+    assert all(r["plan_peak_gib"] > 0 and r["attention"] == "sdpa" for r in runs)
+    by = {(r["model"], r["method"]): r for r in runs}
+    # the same rows for every method: full counts 6N, LoRA 4N, attention alike (N: linear layers and head)
+    n = 2 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256) + 512 * 128
+    assert by[("tiny-llama", "full")]["flops_per_token"] - by[("tiny-llama", "lora")]["flops_per_token"] == 2 * n
+    table = (tmp_path / "gpu-cpu-dry-run.md").read_text()
+    assert table.count("| ok |") == 6 and "Not run here: flash-attention 2" in table
