@@ -241,8 +241,8 @@ def _attention_and_logits_notes(spec: JobSpec, shape: ModelShape, device: Accele
         notes.append(
             f"attention: auto is {attention} here"
             + (
-                " (flash-attn installed on the workers, rayft[gpu]; without it sdpa, and packed rows add a "
-                "T x T mask a micro-batch)"
+                " (assumed: flash-attn on the workers, from rayft's gpu extra; without it sdpa, and packed "
+                "rows add a T x T mask a micro-batch)"
                 if attention in FLASH_ATTENTION
                 else ""
             )
