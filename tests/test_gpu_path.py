@@ -221,3 +221,29 @@ def test_gpu_check_dry_run_runs_every_method_and_writes_the_table(tmp_path: Any)
     assert by[("tiny-llama", "full")]["flops_per_token"] - by[("tiny-llama", "lora")]["flops_per_token"] == 2 * n
     table = (tmp_path / "gpu-cpu-dry-run.md").read_text()
     assert table.count("| ok |") == 6 and "Not run here: flash-attention 2" in table
+
+
+def test_a_run_resumes_across_attention_kernels_but_not_across_sharding(tmp_path: Any) -> None:
+    """A run whose spec.yaml says sdpa (the default before `auto`) resumes under auto: the kernel
+    computes the same function on the same weights. Switching DeepSpeed for FSDP2 does not: the
+    checkpoint's format differs."""
+    import yaml
+
+    from rayft.rundir import RunDir
+    from rayft.train.run import check_resumable
+
+    def spec(**method: Any) -> Any:
+        return job(run={"name": "resumed", "storage_path": str(tmp_path)}, method=method)
+
+    old = spec(deepspeed="zero2")
+    run_dir = RunDir.of(old)
+    recorded = old.to_dict()
+    recorded["model"]["attn_implementation"] = "sdpa"
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / "spec.yaml").write_text(yaml.safe_dump(recorded))
+    assert str(run_dir.spec) == str(tmp_path / "resumed" / "spec.yaml")
+    logged: list[str] = []
+    check_resumable(spec(deepspeed="zero2", liger=True), run_dir, logged.append)
+    assert logged and "model.attn_implementation: 'sdpa' -> 'auto'" in logged[0]
+    with pytest.raises(SpecError, match="different method"):
+        check_resumable(spec(fsdp=True), run_dir, logged.append)

@@ -52,7 +52,9 @@ def load_model(spec: JobSpec, model_dir: str, attention: str | None = None) -> A
     if spec.method.kind == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.method.gradient_checkpointing)
+        # under FSDP, checkpointing is FSDP's own (rayft.train.fsdp): PEFT's as well would recompute twice
+        checkpointing = spec.method.gradient_checkpointing and spec.method.fsdp is None
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
         keep_in_compute_dtype(model, getattr(torch, spec.method.quantization.compute_dtype))
         disable_avx512_repack(model)
     if spec.method.kind in ("lora", "qlora"):
