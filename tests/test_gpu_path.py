@@ -119,6 +119,8 @@ def test_fsdp_spec_becomes_accelerates_fsdp2_plugin(kind: str, tmp_path: Any) ->
     assert isinstance(plugin.cpu_offload, CPUOffloadPolicy)
     assert "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
     assert plugin.reshard_after_forward is True
+    plugin.set_state_dict_type("FULL_STATE_DICT")  # what SFTRecipe does before saving the final model
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
     plain = sft_config(job(), str(tmp_path), has_eval=False, steps=StepPlan(1, 1, 1, 1), precision="fp32")
     assert plain.fsdp_plugin_args is None
 

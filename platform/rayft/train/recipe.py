@@ -192,9 +192,12 @@ class SFTRecipe:
 
     def _save_final(self) -> str:
         """The trained model as an HF directory in storage: the adapter for LoRA, else the weights
-        (ZeRO-3 gathers them; every rank takes part in that)."""
+        (ZeRO-3 and FSDP gather them; every rank takes part in that)."""
         run_dir, spec = self.plan.run_dir, self.spec
         local = tempfile.mkdtemp(prefix="rayft-final-")
+        if self.trainer.is_fsdp_enabled:
+            # checkpoints may be sharded (method.fsdp.state_dict); the final model is one HF directory
+            self.trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         self.trainer.save_model(local)
         if self.rank == 0:
             self.trainer.processing_class.save_pretrained(local)
