@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, run_cli
 from rayft.model import resolve_source
@@ -20,6 +21,9 @@ PROFILE_IN_HEADER = re.compile(r"^#.*rayft (?:plan|train)\s+configs/\S+ -p (conf
 PLAN_NOTE = re.compile(r"^# rayft plan says: fits, ([\d.]+) GiB of (\d+) GiB a worker; ([\d.]+) h an epoch", re.M)
 NOTE_TOKENS = 10_000_000
 WITH_PROFILE = [p for p in CONFIGS if PROFILE_IN_HEADER.search(p.read_text())]
+# What a GPU profile may set in the method section: precision, and the sharding a GPU's memory
+# calls for (FSDP2 with the 4-bit storage dtype it needs).
+PROFILE_METHOD_KEYS = {"precision", "fsdp", "quantization"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -48,8 +52,14 @@ def test_every_preset_fits_its_gpu_profile_as_its_header_says(path: Path) -> Non
     assert gpu.scaling.use_gpu and gpu.precision == "bf16"
     # the profile changes the scaling (and precision), nothing else
     assert gpu.model == base.model and gpu.data == base.data and gpu.train == base.train
-    assert gpu.method.model_copy(update={"precision": "auto"}) == base.method
+    profile_method = yaml.safe_load(profile.read_text()).get("method", {})
+    kept = {key: getattr(base.method, key) for key in PROFILE_METHOD_KEYS if key in profile_method}
+    assert gpu.method.model_copy(update={"precision": "auto", **kept}) == base.method
     plan = estimate(gpu, tokens=NOTE_TOKENS)
+    if gpu.data.packing and gpu.model.attn_implementation == "auto":
+        # packed rows on GPU: auto attention is planned as flash-attention's varlen kernel, no T x T mask
+        assert "flash_attention_2" in plan.method
+        assert "packed attention mask" not in plan.why.get("activations", "")
     assert plan.fits, f"{path.name}: {plan.total_bytes / 2**30:.1f} GiB > {plan.capacity_bytes / 2**30:.0f} GiB"
     note = PLAN_NOTE.search(text)
     assert note, f"{path.name}: no '# rayft plan says: ...' line in its header"
@@ -82,12 +92,22 @@ def test_the_sweep_config_searches_learning_rate_and_rank_with_asha() -> None:
     assert spec.step_plan(198).eval_every * 3 <= spec.train.max_steps
 
 
-def test_profiles_only_touch_scaling_and_precision() -> None:
-    import yaml
-
+def test_profiles_only_touch_scaling_precision_and_sharding() -> None:
     for profile in PROFILES:
         sections = yaml.safe_load(profile.read_text())
-        assert set(sections) <= {"scaling", "method"} and set(sections.get("method", {})) <= {"precision"}, profile
+        assert set(sections) <= {"scaling", "method"} and set(sections.get("method", {})) <= PROFILE_METHOD_KEYS, (
+            profile
+        )
+
+
+def test_fsdp2_profile_is_what_fits_70b_qlora_on_24_gb_gpus() -> None:
+    config, profiles = REPO / "configs" / "llama3.1-70b-qlora.yaml", REPO / "configs" / "profiles"
+    fsdp = estimate(load_spec(config, profiles=[profiles / "gpu-8xL4-fsdp2.yaml"]), tokens=0)
+    replicated = estimate(
+        load_spec(config, profiles=[profiles / "gpu-8xL4-fsdp2.yaml"], overrides=["method.fsdp=null"])
+    )
+    assert fsdp.fits and not replicated.fits
+    assert fsdp.memory["weights"] == pytest.approx(replicated.memory["weights"] / 8, rel=1e-6)
 
 
 def test_validate_cli_with_a_profile() -> None:

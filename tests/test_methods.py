@@ -1,9 +1,11 @@
 """Methods on 2 Ray workers: full, LoRA, QLoRA, DeepSpeed ZeRO-2/3 (+offload, +LoRA, +QLoRA);
-ZeRO against DDP; QLoRA gradients after evaluation; export, generate and chat."""
+ZeRO against DDP; FSDP2 on gloo (torch alone); QLoRA gradients after evaluation; export,
+generate and chat."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -317,3 +319,32 @@ def test_generate_and_chat_use_the_chat_template(method_runs: dict[str, Any]) ->
         summary.model_dir, summary.base_model_dir, [{"role": "user", "content": "hi there"}], None, 4
     )
     assert chat.stdout.rsplit("model> ", 1)[1].startswith(second), (second, chat.stdout)
+
+
+def test_torch_fsdp2_on_gloo_matches_ddp_and_accelerate_still_skips_cpu() -> None:
+    """FSDP2 on 2 CPU processes over gloo (bench/fsdp2_cpu_check.py; no Ray: rayft refuses
+    method.fsdp on CPU because accelerate enables FSDP only on accelerators). torch's
+    fully_shard gives DDP's loss at every step for full, LoRA, QLoRA (fp32-stored 4-bit) and CPU
+    offload, and a sharded checkpoint reads back whole. The last assertion fails the day
+    accelerate turns FSDP on for CPU: then rayft's refusal can go and FSDP2 joins METHODS."""
+    check = Path(__file__).resolve().parents[1] / "bench" / "fsdp2_cpu_check.py"
+    done = subprocess.run(
+        [sys.executable, str(check), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for sharded, reference in [
+        ("fsdp2_full", "ddp_full"),
+        ("fsdp2_lora", "ddp_lora"),
+        ("fsdp2_qlora", "ddp_qlora"),
+        ("fsdp2_cpu_offload", "ddp_full"),
+    ]:
+        assert isinstance(out[sharded], list), f"{sharded}: {out[sharded]}"
+        for step, (a, b) in enumerate(zip(out[reference], out[sharded]), start=1):
+            assert abs(a - b) <= ZERO_LOSS_TOLERANCE * abs(a), f"step {step}: {reference} {a}, {sharded} {b}"
+    assert out["dcp_reshard"] == [0.0]
+    assert out["hf_trainer_fsdp_flag"] == [0.0, 0.0], "accelerate now runs FSDP on CPU: lift rayft's refusal"

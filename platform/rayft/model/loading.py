@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rayft.errors import ModelError
+from rayft.model.attention import resolve_attention
 from rayft.spec import JobSpec
 
 
@@ -28,14 +29,15 @@ def torch_dtype(spec: JobSpec) -> Any:
     return getattr(torch, weight_dtype(spec))
 
 
-def load_model(spec: JobSpec, model_dir: str) -> Any:
-    """The base model, quantized for QLoRA, wrapped with LoRA adapters when the method says."""
+def load_model(spec: JobSpec, model_dir: str, attention: str | None = None) -> Any:
+    """The base model, quantized for QLoRA, wrapped with LoRA adapters when the method says.
+    `attention`: the implementation resolve_attention chose (default: resolved here)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(spec),
-        "attn_implementation": spec.model.attn_implementation,
+        "attn_implementation": attention or resolve_attention(spec)[0],
         "trust_remote_code": spec.model.trust_remote_code,
         "revision": spec.model.revision,
     }
@@ -50,7 +52,9 @@ def load_model(spec: JobSpec, model_dir: str) -> Any:
     if spec.method.kind == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.method.gradient_checkpointing)
+        # under FSDP, checkpointing is FSDP's own (rayft.train.fsdp): PEFT's as well would recompute twice
+        checkpointing = spec.method.gradient_checkpointing and spec.method.fsdp is None
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
         keep_in_compute_dtype(model, getattr(torch, spec.method.quantization.compute_dtype))
         disable_avx512_repack(model)
     if spec.method.kind in ("lora", "qlora"):

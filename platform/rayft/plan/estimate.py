@@ -19,17 +19,21 @@ from rayft.model.source import resolve_source
 from rayft.model.tokenizer import load_tokenizer
 from rayft.plan.memory import (
     ALLOCATOR_MARGIN,
+    LOSS_TILE_TOKENS,
+    LOSS_TILE_VOCAB,
     OPTIMIZER_STATE_BYTES,
     RUNTIME_BYTES,
     GiB,
     adapter_params,
     memory,
+    planned_attention,
     trainable_params,
 )
 from rayft.plan.shapes import Accelerator, ModelShape, model_shape
 from rayft.plan.shapes import accelerator as find_accelerator
 from rayft.plan.suggest import Suggestion, suggestions
 from rayft.spec import JobSpec, load_spec
+from rayft.spec.schema import FLASH_ATTENTION
 
 MFU = {"gpu": 0.40, "cpu": 0.35}  # assumed fraction of peak FLOP/s a step reaches (CPU: 0.24-0.45 measured here)
 
@@ -113,7 +117,7 @@ def estimate(
         model=f"{shape.name} ({shape.source})",
         params=shape.params,
         trainable_params=trainable_params(spec, shape),
-        method=_method_label(spec),
+        method=_method_label(spec, planned_attention(spec, device)),
         workers=spec.scaling.num_workers,
         accelerator=device.name,
         memory=used,
@@ -207,17 +211,57 @@ def prepared_stats(spec: JobSpec) -> dict[str, int] | None:
 
 
 # ----------------------------------------------------------------------------- description
-def _method_label(spec: JobSpec) -> str:
+def _fsdp_label(spec: JobSpec) -> str:
+    fsdp = spec.method.fsdp
+    if fsdp is None:
+        return ""
+    extras = [] if fsdp.reshard_after_forward else ["no reshard after forward"]
+    return "fsdp2" + (" cpu-offload" if fsdp.cpu_offload else "") + "".join(f" ({e})" for e in extras)
+
+
+def _method_label(spec: JobSpec, attention: str) -> str:
     m = spec.method
     parts = [
         m.kind + (f" r={m.lora.r}" if m.kind != "full" else ""),
         spec.precision,
         m.deepspeed or "",
+        _fsdp_label(spec),
         "gradient checkpointing" if m.gradient_checkpointing else "",
-        spec.model.attn_implementation,
+        "liger" if m.liger else "",
+        attention,
     ]
     micro = f"; micro-batch {spec.train.micro_batch_size} x {spec.data.max_length} tokens"
     return ", ".join(p for p in parts if p) + micro
+
+
+def _attention_and_logits_notes(spec: JobSpec, shape: ModelShape, device: Accelerator) -> list[str]:
+    notes = []
+    attention = planned_attention(spec, device)
+    if spec.model.attn_implementation == "auto":
+        notes.append(
+            f"attention: auto is {attention} here"
+            + (
+                " (assumed: flash-attn on the workers, from rayft's gpu extra; without it sdpa, and packed "
+                "rows add a T x T mask a micro-batch)"
+                if attention in FLASH_ATTENTION
+                else ""
+            )
+        )
+    T = spec.train.micro_batch_size * spec.data.max_length
+    full_logits = T * shape.vocab * 4 * 2  # fp32 logits and their gradient, as a plain LM head would hold them
+    tile = min(T, LOSS_TILE_TOKENS) * min(shape.vocab, LOSS_TILE_VOCAB) * 4
+    notes.append(
+        f"logits: TRL's chunked LM head holds one {min(T, LOSS_TILE_TOKENS)} x {min(shape.vocab, LOSS_TILE_VOCAB)} "
+        f"tile ({tile / GiB:.2f} GiB) instead of the full logits and their gradient ({full_logits / GiB:.1f} GiB at "
+        f"{T:,} tokens x {shape.vocab:,})"
+        + (
+            "; method.liger adds Liger's RMSNorm/RoPE/SwiGLU kernels (their activation savings are not counted), and "
+            "Liger's fused linear cross-entropy would hold about as much as TRL's head (TRL refuses both at once)"
+            if spec.method.liger
+            else ""
+        )
+    )
+    return notes
 
 
 def _notes(spec: JobSpec, shape: ModelShape, device: Accelerator, peft_fp32_upcast: bool) -> list[str]:
@@ -238,6 +282,7 @@ def _notes(spec: JobSpec, shape: ModelShape, device: Accelerator, peft_fp32_upca
             f"QLoRA: PEFT's prepare_model_for_kbit_training upcasts embeddings, head and norms to fp32 "
             f"(+{extra / GiB:.2f} GiB), and with them the hidden states between layers"
         )
+    notes.extend(_attention_and_logits_notes(spec, shape, device))
     if device.name == "T4" and spec.precision == "bf16":
         notes.append("T4 has no bf16 arithmetic: use method.precision=fp16")
     if kind == "cpu":

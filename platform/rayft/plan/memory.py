@@ -13,6 +13,7 @@ from rayft.errors import SpecError
 from rayft.model.loading import weight_dtype
 from rayft.plan.shapes import LINEAR_NAMES, Accelerator, ModelShape
 from rayft.spec import JobSpec
+from rayft.spec.schema import FLASH_ATTENTION
 
 GiB = 1024**3
 
@@ -87,6 +88,7 @@ class Setup:
 
     kind: str  # full | lora | qlora
     weight_bytes: int  # base weights (the non-quantized ones for QLoRA); also the residual stream's
+    stored_bytes: int  # the base weights as stored: weight_bytes, but fp32 masters under FSDP mixed precision
     adapter_bytes: int
     autocast: bool
     compute_bytes: int  # matmul inputs and outputs
@@ -94,6 +96,9 @@ class Setup:
     offload_params: bool
     offload_optimizer: bool
     regime: str  # a key of ACTIVATION_BYTES
+    fsdp: bool = False
+    reshard: bool = True  # FSDP frees a layer's gathered weights after its forward
+    fsdp_offload: bool = False
 
 
 def setup(spec: JobSpec, peft_fp32_upcast: bool) -> Setup:
@@ -104,13 +109,17 @@ def setup(spec: JobSpec, peft_fp32_upcast: bool) -> Setup:
         weights = 4  # PEFT upcasts what is not 4-bit to fp32 (rayft casts it back)
     if stage and half:
         weights = 2  # DeepSpeed casts the module to 16-bit; fp32 masters live in its optimizer
-    autocast = half and not stage
+    stored, fsdp = weights, method.fsdp
+    if fsdp is not None and half:
+        weights = 2  # FSDP2's MixedPrecisionPolicy gathers 16-bit copies; the shards keep what was loaded
+    autocast = half and not stage and fsdp is None
     compute = 2 if (autocast or weights == 2) else 4
     group = "full" if method.kind == "full" else "adapter"
     regime = "fp32" if compute == 4 else "half" if weights == 2 else "amp" if group == "full" else "amp32"
     return Setup(
         method.kind,
         weights,
+        stored,
         2 if (stage and half) else 4,
         autocast,
         compute,
@@ -118,7 +127,19 @@ def setup(spec: JobSpec, peft_fp32_upcast: bool) -> Setup:
         offload_params,
         offload_optimizer,
         regime,
+        fsdp=fsdp is not None,
+        reshard=fsdp.reshard_after_forward if fsdp is not None else True,
+        fsdp_offload=fsdp.cpu_offload if fsdp is not None else False,
     )
+
+
+def planned_attention(spec: JobSpec, device: Accelerator) -> str:
+    """The attention implementation the plan assumes: the spec's, or what `auto` picks on a
+    worker of this kind with rayft[gpu] installed (rayft.model.attention decides on the worker)."""
+    choice = spec.model.attn_implementation
+    if choice != "auto":
+        return choice
+    return "flash_attention_2" if device.kind == "gpu" else "sdpa"
 
 
 def _deepspeed(choice: str | None) -> tuple[int, bool, bool]:
@@ -211,12 +232,12 @@ def _unsharded(spec: JobSpec, shape: ModelShape, s: Setup, device: Accelerator) 
     if s.kind == "qlora":
         quantized = shape.layers * shape.layer_linear_params
         per_quantized = NF4_BYTES + NF4_CONSTANT_BYTES[spec.method.quantization.double_quant]
-        weights = quantized * per_quantized + (shape.params - quantized) * s.weight_bytes
+        weights = quantized * per_quantized + (shape.params - quantized) * s.stored_bytes
         gathered = max(shape.layer_linear_params * per_quantized, shape.embedding_params * s.weight_bytes)
     else:
-        weights = shape.params * s.weight_bytes
+        weights = shape.params * s.stored_bytes
         gathered = max(shape.layer_params, shape.embedding_params) * s.weight_bytes
-    grad_bytes = s.weight_bytes if s.kind == "full" else s.adapter_bytes
+    grad_bytes = s.stored_bytes if s.kind == "full" else s.adapter_bytes
     state = OPTIMIZER_STATE_BYTES.get(spec.train.optimizer, 8)
     master = DEEPSPEED_MASTER_BYTES if (s.zero_stage and grad_bytes == 2) else 0
     if spec.train.optimizer in FUSED_OPTIMIZERS or state < 8:
@@ -240,6 +261,8 @@ def _sharded(spec: JobSpec, shape: ModelShape, s: Setup, p: Parts) -> Parts:
     """DeepSpeed ZeRO: stage 1 shards optimizer states, 2 also gradients, 3 also weights;
     offload moves them to the host."""
     n, trainable = spec.scaling.num_workers, trainable_params(spec, shape)
+    if s.fsdp:
+        return _fsdp_sharded(shape, s, p, n)
     if s.zero_stage >= 1:
         p.optimizer, p.step_temp = p.optimizer / n, p.step_temp / n
     if s.zero_stage >= 2:
@@ -255,10 +278,28 @@ def _sharded(spec: JobSpec, shape: ModelShape, s: Setup, p: Parts) -> Parts:
     return p
 
 
+def _fsdp_sharded(shape: ModelShape, s: Setup, p: Parts, n: int) -> Parts:
+    """FSDP2: weights, gradients and optimizer states sharded n ways (FULL_SHARD). In a layer's
+    forward and backward its 16-bit weights are gathered, and the next layer's are prefetched;
+    without resharding after forward every layer stays gathered until its backward. A layer's
+    unsharded gradients live until their reduce-scatter. Offload keeps the shards in host RAM."""
+    p.weights, p.adapters, p.grads, p.optimizer, p.step_temp = (
+        x / n for x in (p.weights, p.adapters, p.grads, p.optimizer, p.step_temp)
+    )
+    every_layer = shape.layers * shape.layer_params * s.weight_bytes + shape.embedding_params * s.weight_bytes
+    p.gathered_live = 2 * p.gathered if s.reshard else max(2 * p.gathered, every_layer)
+    layer_trainable = shape.layer_params if s.kind == "full" else 0
+    p.buckets = layer_trainable * s.compute_bytes  # one layer's unsharded gradients, before reduce-scatter
+    if s.fsdp_offload:
+        p.host = p.weights + p.adapters + p.grads + p.optimizer
+        p.weights = p.adapters = p.grads = p.optimizer = p.step_temp = 0
+    return p
+
+
 def _static_items(spec: JobSpec, shape: ModelShape, s: Setup, p: Parts) -> list[Item]:
     """What is live all the time: weights, adapters, optimizer states, DDP's buckets."""
     n, trainable = spec.scaling.num_workers, trainable_params(spec, shape)
-    ddp = trainable * p.grad_bytes if (n > 1 and not s.zero_stage) else 0
+    ddp = trainable * p.grad_bytes if (n > 1 and not s.zero_stage and not s.fsdp) else 0
     return [
         Item("weights", p.weights, _weights_note(spec, s)),
         Item(
@@ -272,7 +313,8 @@ def _static_items(spec: JobSpec, shape: ModelShape, s: Setup, p: Parts) -> list[
             f"{spec.train.optimizer}: {p.state_bytes} bytes per trainable "
             f"parameter"
             + (" + an fp32 master copy" if p.master_bytes else "")
-            + (f", sharded {n} ways" if s.zero_stage else ""),
+            + (f", sharded {n} ways" if (s.zero_stage or s.fsdp) else "")
+            + (" (in host RAM)" if s.fsdp_offload else ""),
         ),
         Item("DDP gradient buckets", ddp, "DDP's all-reduce buckets: a second copy of the gradients"),
     ]
@@ -282,15 +324,15 @@ def _peak_items(spec: JobSpec, shape: ModelShape, s: Setup, device: Accelerator,
     """The peak: the start of backward (every activation live) or the optimizer step."""
     method = spec.method
     T = spec.train.micro_batch_size * spec.data.max_length  # tokens in a micro-batch
-    saved, rebuilt = _saved_activations(spec, shape, s, T)
+    saved, rebuilt = _saved_activations(spec, shape, s, T, device)
     head_trainable = s.kind == "full" or "lm_head" in method.lora.modules_to_save
     transient = max(_loss_head_bytes(shape, s, device, T, head_trainable), rebuilt)
     if s.kind == "qlora":  # the layer at hand is dequantized (and cast to fp32 for fp32 gradients)
         largest = max(a * b for a, b in shape.linears().values())
         transient += largest * (s.compute_bytes + (4 if s.weight_bytes == 4 else 0))
-    mask = T * T if (spec.data.packing and spec.model.attn_implementation != "flash_attention_2") else 0
+    mask = T * T if (spec.data.packing and planned_attention(spec, device) not in FLASH_ATTENTION) else 0
     amp_copies = shape.layers * shape.layer_linear_params * 2 if (s.autocast and s.kind == "full") else 0
-    keeps_grads = spec.gradient_accumulation_steps > 1 or s.kind != "full" or s.zero_stage >= 2
+    keeps_grads = spec.gradient_accumulation_steps > 1 or s.kind != "full" or s.zero_stage >= 2 or s.fsdp
     live_grads = p.grads if keeps_grads else (shape.embedding_params * p.grad_bytes if head_trainable else 0)
     backward = amp_copies + saved + mask + transient + p.gathered_live + live_grads
     if backward < p.grads + p.step_temp:
@@ -320,13 +362,19 @@ def _peak_items(spec: JobSpec, shape: ModelShape, s: Setup, device: Accelerator,
             "loss tiles of the LM head, or one layer's backward" + (" (recomputed)" if checkpointed else ""),
         ),
         Item("autocast weight copies", amp_copies, "16-bit copies of the linear weights, forward to backward"),
-        Item("ZeRO-3 gathered weights", p.gathered_live, "a layer's (or the head's) full weights, and the next"),
+        Item(
+            "FSDP gathered weights" if s.fsdp else "ZeRO-3 gathered weights",
+            p.gathered_live,
+            "a layer's (or the head's) full weights, and the next"
+            if s.reshard
+            else "every layer's 16-bit weights, gathered from forward to backward (reshard_after_forward: false)",
+        ),
     ]
 
 
-def _saved_activations(spec: JobSpec, shape: ModelShape, s: Setup, T: int) -> tuple[float, float]:
+def _saved_activations(spec: JobSpec, shape: ModelShape, s: Setup, T: int, device: Accelerator) -> tuple[float, float]:
     """(bytes saved by the forward for backward, bytes of the layer being recomputed or differentiated)."""
-    layer = T * _layer_activation_bytes(spec, shape, s)
+    layer = T * _layer_activation_bytes(spec, shape, s, device)
     grad_h, grad_i = ACTIVATION_GRAD_VALUES
     layer_grads = T * (grad_h * shape.hidden + grad_i * shape.intermediate) * s.compute_bytes
     final = T * shape.hidden * s.weight_bytes * (3 if s.kind == "full" else 1)  # final norm, head input
@@ -335,7 +383,7 @@ def _saved_activations(spec: JobSpec, shape: ModelShape, s: Setup, T: int) -> tu
     return shape.layers * layer + final, layer_grads
 
 
-def _layer_activation_bytes(spec: JobSpec, shape: ModelShape, s: Setup) -> float:
+def _layer_activation_bytes(spec: JobSpec, shape: ModelShape, s: Setup, device: Accelerator) -> float:
     """Bytes saved for backward per token by one decoder layer."""
     adapter = s.kind != "full"
     a, b, c = ACTIVATION_BYTES[(s.regime, "adapter" if adapter else "full")]
@@ -346,7 +394,7 @@ def _layer_activation_bytes(spec: JobSpec, shape: ModelShape, s: Setup) -> float
         if spec.method.lora.dropout > 0:
             extra_h, extra_i = LORA_DROPOUT_BYTES[C]
             per_token += extra_h * h + extra_i * i
-    if spec.model.attn_implementation == "eager":  # fp32 softmax (and a 16-bit copy), repeated K/V
+    if planned_attention(spec, device) == "eager":  # fp32 softmax (and a 16-bit copy), repeated K/V
         keys = spec.data.max_length * (spec.train.micro_batch_size if spec.data.packing else 1)
         per_token += shape.heads * keys * (4 if C == 4 else 6) + 2 * (h - kv) * C
     return per_token
@@ -375,4 +423,11 @@ def _weights_note(spec: JobSpec, s: Setup) -> str:
         text = f"{kind} 4-bit linear layers; embeddings, head, norms {s.weight_bytes} bytes"
     else:
         text = f"{s.weight_bytes} bytes per parameter"
-    return text + (", sharded by ZeRO-3" if s.zero_stage == 3 else "")
+    if s.fsdp and s.stored_bytes != s.weight_bytes:
+        text = text.replace(f"{s.weight_bytes} bytes per parameter", f"{s.stored_bytes} bytes per parameter (masters)")
+    return (
+        text
+        + (", sharded by ZeRO-3" if s.zero_stage == 3 else "")
+        + (", sharded by FSDP2" if s.fsdp else "")
+        + (" (in host RAM)" if s.fsdp_offload else "")
+    )

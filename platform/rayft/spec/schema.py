@@ -89,13 +89,34 @@ def one_of(value: str, known: tuple[str, ...], what: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- model
+# transformers 5.24's attention implementations and whether each keeps packed samples apart. The
+# padding-free rows rayft packs carry no attention mask, only per-sample position_ids: sdpa, eager
+# and flex build a block-diagonal mask from them (masking_utils.find_packed_sequence_indices), the
+# flash kernels turn them into varlen cu_seqlens; `paged|eager` (continuous batching) gets no mask
+# at all, so packed samples would attend across their boundaries (tests/test_packing.py shows both).
+ATTENTION_KEEPS_PACKED_SAMPLES_APART = {
+    "sdpa": True,
+    "eager": True,
+    "flex_attention": True,
+    "flash_attention_2": True,
+    "flash_attention_3": True,
+    "paged|eager": False,
+}
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+Attention = Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "paged|eager"]
+
+
 class ModelSpec(Section):
     path: str = Field(description="Local HF directory, a .gguf file, 'pkg:PACKAGE/FILE', or a hub id.")
     tokenizer: str | None = Field(None, description="Tokenizer source; defaults to `path`.")
     gguf_file: str | None = Field(None, description="GGUF file inside `path` when `path` is a directory or hub id.")
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    attn_implementation: Attention = Field(
+        "auto",
+        description="auto: the fastest correct one for the worker's hardware (flash_attention_2 on a GPU with "
+        "flash-attn installed, else sdpa), chosen on the worker and logged with the reason; or a transformers name.",
+    )
     trust_remote_code: bool = False
 
 
@@ -122,13 +143,49 @@ class QuantizationSpec(Section):
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3-offload")
 
 
+class FsdpSpec(Section):
+    """PyTorch FSDP2 (`fully_shard`) through the HF trainer's FSDP plugin (accelerate): weights,
+    gradients and optimizer states sharded over the workers, one decoder layer gathered at a time.
+    `method.fsdp: true` takes these defaults."""
+
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free each layer's gathered weights after its forward (ZeRO-3-like); false keeps them "
+        "gathered until backward (ZeRO-2-like: less communication, more memory).",
+    )
+    cpu_offload: bool = Field(
+        False, description="Keep the sharded weights, gradients and optimizer states in host RAM."
+    )
+    state_dict: Literal["full", "sharded"] = Field(
+        "full",
+        description="Checkpoint format: full (one HF-loadable state gathered on rank 0) or sharded (torch.distributed."
+        "checkpoint, one file per rank: faster for large models). Both resume at another worker count.",
+    )
+
+
 class MethodSpec(Section):
     kind: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     deepspeed: str | None = Field(None, description="zero2 | zero3 | zero3-offload | path to a DeepSpeed JSON")
+    fsdp: FsdpSpec | None = Field(None, description="true or a section: shard with FSDP2 instead of DeepSpeed.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (with FSDP: FSDP's own activation checkpointing)."
+    )
+    liger: bool = Field(
+        False,
+        description="Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (GPU, `pip install rayft[gpu]`). The loss "
+        "is TRL's chunked LM head either way: it never builds the full logits (Liger's fused cross-entropy is the "
+        "same idea, and TRL refuses both at once).",
+    )
+
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp_shorthand(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
 
     @field_validator("deepspeed")
     @classmethod
@@ -495,6 +552,50 @@ class JobSpec(Section):
                 )
         if method.deepspeed and method.deepspeed.endswith("offload") and method.kind == "qlora":
             raise ValueError("method.deepspeed=zero3-offload cannot offload 4-bit (qlora) weights; use zero3 or lora")
+        self._check_fsdp()
+        self._check_attention()
+        if method.liger and not gpu:
+            raise ValueError("method.liger needs a GPU (scaling.use_gpu=true): Liger's kernels are Triton")
+
+    def _check_fsdp(self) -> None:
+        method = self.method
+        if method.fsdp is None:
+            return
+        if method.deepspeed:
+            raise ValueError(f"method.fsdp and method.deepspeed={method.deepspeed} both shard the model; choose one")
+        if not self.scaling.use_gpu:
+            # accelerate (1.16) turns its FSDP plugin on only for accelerator devices: on CPU the HF trainer would
+            # train plain DDP and say nothing (bench/results/fsdp2_cpu.md; torch's fully_shard itself runs on gloo).
+            raise ValueError(
+                "method.fsdp needs GPUs (scaling.use_gpu=true): accelerate enables FSDP only on accelerators, and on "
+                "CPU the trainer would silently fall back to DDP; use method.deepspeed to shard on CPU"
+            )
+        q = method.quantization
+        if method.kind == "qlora" and q.storage_dtype != q.compute_dtype:
+            raise ValueError(
+                f"method.kind=qlora with method.fsdp needs method.quantization.storage_dtype equal to compute_dtype "
+                f"({q.compute_dtype}): FSDP shards parameters by their storage dtype and leaves uint8-stored 4-bit "
+                "weights whole on every worker"
+            )
+
+    def _check_attention(self) -> None:
+        attention = self.model.attn_implementation
+        if self.data.packing and not ATTENTION_KEEPS_PACKED_SAMPLES_APART.get(attention, True):
+            raise ValueError(
+                f"model.attn_implementation={attention} with data.packing=true would let packed samples attend to "
+                "each other (it takes no per-sample mask from position_ids); use auto, sdpa or flash_attention_2"
+            )
+        if attention in FLASH_ATTENTION:
+            if not self.scaling.use_gpu:
+                raise ValueError(
+                    f"model.attn_implementation={attention} needs a GPU (scaling.use_gpu=true); sdpa is the fastest "
+                    "correct one on CPU"
+                )
+            if self.precision == "fp32":
+                raise ValueError(
+                    f"model.attn_implementation={attention} runs in bf16 or fp16 only; set method.precision=bf16 "
+                    "(or auto) or use sdpa"
+                )
 
     # ---- values derived from the spec (derived here so every caller agrees)
     @property

@@ -25,6 +25,7 @@ from rayft import storage
 from rayft.data.prepared import load_split
 from rayft.env import adopt_secrets
 from rayft.model import load_model, load_tokenizer, materialized_dir
+from rayft.model.attention import check_liger, resolve_attention
 from rayft.model.trained import merge_adapter
 from rayft.quiet import quiet_worker
 from rayft.rundir import HF_CHECKPOINT
@@ -58,6 +59,9 @@ class SFTRecipe:
       (rayft.model.loading) and turns off a bitsandbytes CPU path that breaks LoRA gradients.
     - DeepSpeed ZeRO (method.deepspeed): shards optimizer states, gradients and weights; its CPU
       ops are compiled once per node under a lock (rayft.train.deepspeed_ops).
+    - FSDP2 (method.fsdp, GPU): the HF trainer's FSDP plugin (accelerate's fully_shard per decoder
+      layer), configured in rayft.train.fsdp; checkpoints resume at another worker count.
+    - Attention (model.attn_implementation): chosen here, on the worker (rayft.model.attention).
     - Checkpoints every `save_every` steps, uploaded to Ray Train's storage: a failure costs at
       most the steps since the last one. Local scratch keeps only the newest.
     - Rank 0 alone writes progress, the metrics timeline and W&B logs; every rank writes its
@@ -84,7 +88,11 @@ class SFTRecipe:
         tokenizer = load_tokenizer(spec, model_dir)
         if plan.prepared.template:
             tokenizer.chat_template = plan.prepared.template  # the template the data was rendered with
-        model = load_model(spec, model_dir)
+        attention, why = resolve_attention(spec)  # on the worker: its GPU and packages decide
+        check_liger(spec)
+        if self.rank == 0:
+            print(f"rayft: attention {attention} ({why})", flush=True)
+        model = load_model(spec, model_dir, attention)
         if spec.method.deepspeed:
             load_ops(ops_needed(deepspeed_config(spec), use_gpu=spec.scaling.use_gpu))
         train_data, eval_data = load_split(plan.prepared, "train"), load_split(plan.prepared, "eval")
@@ -106,6 +114,11 @@ class SFTRecipe:
             meter=self.meter,
             sample_log=samples,
         )
+        if spec.method.fsdp is not None and not self.trainer.is_fsdp_enabled:
+            # accelerate drops an FSDP plugin it cannot use without a word; never train unsharded instead
+            raise RuntimeError(
+                f"method.fsdp: accelerate did not enable FSDP on this worker ({self.trainer.args.device})"
+            )
         self._add_callbacks(samples)
         self.trainer = prepare_trainer(self.trainer)
 
@@ -179,9 +192,12 @@ class SFTRecipe:
 
     def _save_final(self) -> str:
         """The trained model as an HF directory in storage: the adapter for LoRA, else the weights
-        (ZeRO-3 gathers them; every rank takes part in that)."""
+        (ZeRO-3 and FSDP gather them; every rank takes part in that)."""
         run_dir, spec = self.plan.run_dir, self.spec
         local = tempfile.mkdtemp(prefix="rayft-final-")
+        if self.trainer.is_fsdp_enabled:
+            # checkpoints may be sharded (method.fsdp.state_dict); the final model is one HF directory
+            self.trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         self.trainer.save_model(local)
         if self.rank == 0:
             self.trainer.processing_class.save_pretrained(local)

@@ -35,6 +35,9 @@ Log = Callable[[str], None]
 # A checkpoint only fits the model, method and data it was trained with. Scaling may change:
 # the global batch is constant, so resuming on another number of workers continues exactly.
 RESUME_MUST_MATCH = ("model", "method", "data")
+# ... except the kernels that compute the same function on the same weights: a resume may switch
+# them (and a spec written before `auto` existed, with sdpa, resumes under the new default).
+RESUME_MAY_CHANGE = ("model.attn_implementation", "method.liger")
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ def check_resumable(spec: JobSpec, run_dir: RunDir, log: Log) -> None:
     if not text:
         return
     changed = differences(yaml.safe_load(text), spec.to_dict())
-    blocking = [c for c in changed if c[0].split(".")[0] in RESUME_MUST_MATCH]
+    blocking = [c for c in changed if c[0].split(".")[0] in RESUME_MUST_MATCH and c[0] not in RESUME_MAY_CHANGE]
     if blocking:
         path, old, new = blocking[0]
         more = f", and {len(blocking) - 1} more" if len(blocking) > 1 else ""

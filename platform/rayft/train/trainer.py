@@ -16,6 +16,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from rayft.spec import JobSpec, StepPlan
 from rayft.train.callbacks import SampleLog, TokenMeter
 from rayft.train.deepspeed import deepspeed_config
+from rayft.train.fsdp import fsdp_config
 
 
 class MeteredSFTTrainer(SFTTrainer):
@@ -152,7 +153,8 @@ def sft_config(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not spec.scaling.use_gpu,
-        gradient_checkpointing=spec.method.gradient_checkpointing,
+        # with FSDP, FSDP's own activation checkpointing (rayft.train.fsdp) instead of the trainer's
+        gradient_checkpointing=spec.method.gradient_checkpointing and spec.method.fsdp is None,
         logging_steps=train.log_every,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=steps.eval_every,
@@ -168,4 +170,8 @@ def sft_config(
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         deepspeed=deepspeed_config(spec) if spec.method.deepspeed else None,
+        fsdp=spec.method.fsdp is not None,
+        fsdp_config=fsdp_config(spec) if spec.method.fsdp is not None else None,
+        # Liger's layer kernels only: TRL's chunked LM head computes the loss (it refuses Liger's fused one)
+        use_liger_kernel=spec.method.liger,
     )
