@@ -44,6 +44,8 @@ bench: setup  # each prints ratios measured in one run and records them in bench
 	$(BIN)/python bench/ray_overhead.py
 	$(BIN)/python bench/prepare_throughput.py
 	$(BIN)/python bench/packing.py
+	$(BIN)/python bench/packing_fill.py
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/sweep_asha.py
 
 clean:
