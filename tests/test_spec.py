@@ -258,3 +258,20 @@ def test_relative_paths_are_anchored_where_the_command_runs(tmp_path: Path, monk
         )
     remote = spec.model_copy(update={"run": spec.run.model_copy(update={"storage_path": "s3://bucket/runs/"})})
     assert anchored(remote).run.storage_path == "s3://bucket/runs"
+
+
+def test_prepared_data_is_found_whether_or_not_the_spec_is_anchored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rayft prepare` reads the spec as written, a run reads it anchored: one cache entry."""
+    from transformers import AutoTokenizer
+
+    from rayft.data.cache import locate
+    from rayft.spec import anchored
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(data={"model": {"path": "m"}, "data": {"train": "data/x.jsonl", "format": "alpaca"}})
+    tokenizer = AutoTokenizer.from_pretrained(REPO.parent / "shared" / "models" / "stories260K")
+    assert locate(spec, tokenizer).key == locate(anchored(spec), tokenizer).key

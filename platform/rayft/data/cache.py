@@ -13,7 +13,7 @@ from typing import Any
 from rayft.data.sources import expand, fingerprint
 from rayft.data.templates import ChatTemplate, resolve_template
 from rayft.rundir import prepared_base
-from rayft.spec import JobSpec
+from rayft.spec import JobSpec, anchored
 
 PIPELINE_VERSION = 4  # bump when the output of the pipeline changes for the same inputs
 
@@ -30,6 +30,9 @@ class CacheEntry:
 
 
 def locate(spec: JobSpec, tokenizer: Any) -> CacheEntry:
+    # Keyed on the anchored spec: `rayft prepare` with `train: data/x.jsonl` and a run planned
+    # from the same spec (anchored before its workers start) must find the same prepared data.
+    spec = anchored(spec)
     sources = spec.data.train + (spec.data.eval or [])
     files = [expand(source.path) for source in sources]
     needs_template = any((source.format or spec.data.format) != "text" for source in sources)
