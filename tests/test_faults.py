@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from conftest import BIN, run_cli, spec_dict, wait_for, write_spec
+from conftest import BIN, run_cli, spec_dict, wait_for, write_jsonl, write_spec
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8  # one epoch: 64 samples / global batch 8
+STEPS = 8  # one epoch: 64 samples / global batch 8 (61: the last step has 5)
 SAVE_EVERY = 2
 STEP_SECONDS = 1.0  # two steps (2 s) between checkpoints: a kill after one lands before the next
 
@@ -54,10 +54,14 @@ def start_training(spec: Path, env: dict[str, str]) -> subprocess.Popen:
 
 @pytest.fixture
 def job(ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path):
-    def make(name: str, workers: int, **run: Any) -> tuple[Path, Path]:
+    def make(name: str, workers: int, samples: int = 64, **run: Any) -> tuple[Path, Path]:
+        data = dict(chat_data)
+        if samples != 64:
+            lines = chat_data["train"].read_text().splitlines()[:samples]
+            data["train"] = write_jsonl(tmp_path / f"train-{samples}.jsonl", lines)
         spec = spec_dict(
             tiny_llama,
-            chat_data,
+            data,
             tmp_path / "runs",
             scaling={"num_workers": workers},
             train={"max_steps": None, "epochs": 1, "save_every": SAVE_EVERY},
@@ -70,7 +74,9 @@ def job(ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path
 
 
 def test_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_exactly(job, ray_cluster: Any) -> None:
-    spec, run_dir = job("worker-kill", workers=2, max_failures=1, log_samples=True)
+    """61 samples: the epoch's last step is short (5 of 8 rows), which accelerate would fill with
+    samples from the epoch's start."""
+    spec, run_dir = job("worker-kill", workers=2, samples=61, max_failures=1, log_samples=True)
     process = start_training(spec, ray_cluster.env(RAYFT_TEST_STEP_SECONDS=str(STEP_SECONDS)))
     try:
         wait_for(
@@ -109,7 +115,7 @@ def test_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_exactly(job, r
     trained = [i for r in before if r["step"] <= 4 for i in r["sample_ids"]] + [
         i for r in after for i in r["sample_ids"]
     ]
-    assert len(trained) == len(set(trained)) == 64, "a sample was repeated or skipped across the restart"
+    assert len(trained) == len(set(trained)) == 61, "a sample was repeated or skipped across the restart"
     # ... and those are exactly the prepared training set
     import pyarrow.parquet as pq
 
@@ -120,6 +126,26 @@ def test_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_exactly(job, r
         for i in ids
     }
     assert set(trained) == every
+
+
+def test_a_hung_worker_is_detected_and_the_group_restarts_from_the_last_checkpoint(job, ray_cluster: Any) -> None:
+    """The last rank stops for good after step 5 (as in a collective that never returns); its
+    watchdog ends it after run.hang_timeout_s and the run resumes from checkpoint 4. The timeout
+    is far above a step here (1 s) even on a busy machine, and far below the test's patience."""
+    spec, run_dir = job("hang", workers=2, max_failures=1, hang_timeout_s=20)
+    env = ray_cluster.env(RAYFT_TEST_STEP_SECONDS=str(STEP_SECONDS), RAYFT_TEST_HANG_AT_STEP="5")
+    result = subprocess.run(
+        [str(BIN / "rayft"), "train", str(spec), "--no-compare"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "rank 1 made no progress for" in output and "run.hang_timeout_s=20" in output, output[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["steps"], summary["resumed_from_step"], summary["restarts"]) == (STEPS, 4, 1)
 
 
 def test_killed_driver_then_the_same_command_resumes_and_fresh_starts_over(job, ray_cluster: Any) -> None:

@@ -99,6 +99,41 @@ def test_global_batch_is_constant_across_worker_counts() -> None:
         assert spec.train.micro_batch_size * workers * spec.gradient_accumulation_steps == 32
 
 
+def test_elastic_worker_range_keeps_the_global_batch_at_every_size() -> None:
+    batch = {"global_batch_size": 24, "micro_batch_size": 2}
+    spec = load_spec(data={**MINIMAL, "train": batch, "scaling": {"num_workers": [2, 3]}})
+    assert (spec.scaling.min_workers, spec.scaling.num_workers, spec.scaling.elastic) == (2, 3, True)
+    assert {n: spec.accumulation_at(n) for n in spec.scaling.worker_counts} == {2: 6, 3: 4}
+    # the long form is the same spec, and a saved spec loads back to it
+    assert load_spec(data={**MINIMAL, "train": batch, "scaling": {"min_workers": 2, "num_workers": 3}}) == spec
+    assert load_spec(data=spec.to_dict()) == spec
+    # the step plan does not depend on how many workers a step is split over
+    assert spec.step_plan(100) == load_spec(data={**MINIMAL, "train": batch, "scaling": {"num_workers": 1}}).step_plan(
+        100
+    )
+
+
+@pytest.mark.parametrize(
+    "scaling, words",
+    [
+        ({"num_workers": [1, 3]}, ["3 worker(s)", "[1, 3]", "global_batch_size=12"]),  # 8 rows, micro 2: 3 uneven
+        ({"num_workers": [3, 2]}, ["min_workers=3 is more than num_workers=2"]),
+        ({"num_workers": [1, 2, 3]}, ["[min, max]"]),
+        ({"num_workers": [1, 2], "min_workers": 1}, ["not both"]),
+    ],
+)
+def test_bad_elastic_ranges_are_named(scaling: dict, words: list[str]) -> None:
+    with pytest.raises(SpecError) as error:
+        load_spec(data={**MINIMAL, "train": {"global_batch_size": 8, "micro_batch_size": 2}, "scaling": scaling})
+    for word in words:
+        assert word in str(error.value), str(error.value)
+
+
+def test_failures_restart_by_default_and_preemptions_have_their_own_budget() -> None:
+    run = load_spec(data=MINIMAL).run
+    assert run.max_failures == 3 and run.max_preemptions == -1 and run.hang_timeout_s > 0
+
+
 def test_profile_overlay_changes_only_what_it_names(tmp_path: Path) -> None:
     base = write(tmp_path / "base.yaml", yaml.safe_dump({**MINIMAL, "train": {"learning_rate": 0.5, "epochs": 3}}))
     gpu = write(tmp_path / "gpu.yaml", "scaling:\n  num_workers: 8\n  use_gpu: true\n")

@@ -149,3 +149,51 @@ def test_load_split_streams_parquet_into_one_memory_mapped_local_copy(tmp_path: 
     pq.write_table(pa.Table.from_pylist(rows[:10]), files[1])
     assert len(prepare.load_split(prepared, "train")) == 1210
     assert prepare.load_split(prepared, "eval") is None
+
+
+def test_an_epoch_of_whole_steps_trains_every_sample_once_at_any_worker_count() -> None:
+    """accelerate's even-batches sharding, as the trainer uses it, over a split topped up to
+    whole global batches: every sample exactly once per epoch, the same order on 1, 2 or 4
+    workers, and the filler rows carry no trained label."""
+    import datasets
+    import torch
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from rayft.data.tokenize import IGNORE
+    from rayft.train.epoch import whole_steps
+
+    rows = 61  # 7 global batches of 8 and 5 rows
+    split = datasets.Dataset.from_dict(
+        {
+            "input_ids": [[5, 6, 7]] * rows,
+            "labels": [[IGNORE, 6, 7]] * rows,
+            "seq_lengths": [[3]] * rows,
+            "sample_ids": [[100 + i] for i in range(rows)],
+        }
+    )
+    padded = whole_steps(split, rows_per_step=8, pad_token_id=0)
+    assert len(padded) == 64 and padded.features == split.features
+    assert all(row["labels"] == [IGNORE] and row["sample_ids"] == [] for row in padded.select(range(61, 64)))
+    assert whole_steps(padded, 8, 0) is padded
+
+    def shard(dataset, workers: int, rank: int) -> list[list[int]]:
+        # each worker shuffles with the same seed (the trainer's data_seed), then takes its batches
+        order = torch.Generator().manual_seed(0)
+        batches = BatchSampler(RandomSampler(dataset, generator=order), micro, drop_last=False)
+        return list(BatchSamplerShard(batches, num_processes=workers, process_index=rank, even_batches=True))
+
+    micro = 2
+    orders = {}
+    for workers in (1, 2, 4):
+        shards = [shard(padded, workers, rank) for rank in range(workers)]
+        # step s = the next (8 / micro) micro-batches, taken round-robin from the ranks
+        trained = [i for step in zip(*shards, strict=True) for batch in step for i in batch]
+        ids = [sid for index in trained for sid in padded[index]["sample_ids"]]
+        assert sorted(ids) == list(range(100, 100 + rows)), f"{workers} workers: a sample repeated or skipped"
+        orders[workers] = ids
+    assert orders[1] == orders[2] == orders[4]
+
+    # without the top-up, the same sharding trains samples twice: the defect this guards against
+    shards = [shard(split, 2, rank) for rank in (0, 1)]
+    assert sum(len(batch) for rank in shards for batch in rank) > rows

@@ -361,12 +361,51 @@ class TrainSpec(Section):
 
 # --------------------------------------------------------------------------------- scaling
 class ScalingSpec(Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(
+        2, ge=1, description="Workers of the run; with min_workers, the most it grows to. [min, max] is elastic."
+    )
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Elastic: start once this many fit, grow towards num_workers as nodes join, shrink when "
+        "one leaves. The global batch, the schedule and the sample order stay those of a fixed-size run.",
+    )
+    resize_check_s: float = Field(
+        60, gt=0, description="Elastic: how often a healthy run checks whether more workers fit now."
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0, description="Also the worker's torch/OpenMP thread count on CPU.")
     gpus_per_worker: float = Field(1, ge=0, description="Used when use_gpu is true.")
     accelerator_type: str | None = Field(None, description="e.g. A100-80G, H100: schedules onto that GPU type.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _worker_range(cls, data: Any) -> Any:
+        """`num_workers: [min, max]` is the short form of min_workers and num_workers."""
+        if isinstance(data, dict) and isinstance(data.get("num_workers"), (list, tuple)):
+            bounds = data["num_workers"]
+            if len(bounds) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
+                raise ValueError(f"num_workers: a range is [min, max] of two whole numbers, not {list(bounds)}")
+            if "min_workers" in data:
+                raise ValueError("give num_workers as [min, max] or min_workers, not both")
+            data = {**data, "min_workers": bounds[0], "num_workers": bounds[1]}
+        return data
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> ScalingSpec:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers={self.min_workers} is more than num_workers={self.num_workers}")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may train on."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
 
 # ------------------------------------------------------------------------------------- run
@@ -401,7 +440,22 @@ class RunSpec(Section):
     )
     checkpoint_mode: Literal["min", "max"] = "min"
     max_failures: int = Field(
-        0, ge=-1, description="Worker-group restarts from the last checkpoint; -1 retries forever."
+        3,
+        ge=-1,
+        description="Worker-group restarts from the last checkpoint after a crash or hang; -1 retries forever, "
+        "0 ends the run at the first failure. Preemptions have their own budget.",
+    )
+    max_preemptions: int = Field(
+        -1,
+        ge=-1,
+        description="Restarts after a node is drained or preempted (a checkpoint is written in its notice "
+        "period); -1 without limit.",
+    )
+    hang_timeout_s: float = Field(
+        1800,
+        gt=0,
+        description="A worker that finishes no step, evaluation batch or checkpoint for this long is hung "
+        "(a collective that never returns): the group restarts from the last checkpoint.",
     )
     save_merged: bool = Field(False, description="Also save the LoRA merged into the base model.")
     log_samples: bool = Field(
@@ -527,14 +581,25 @@ class JobSpec(Section):
                 raise ValueError(f"tune.search_space: {path!r} {problem}")
 
     def _check_batch(self) -> None:
-        per_step = self.train.micro_batch_size * self.scaling.num_workers
-        if self.train.global_batch_size % per_step:
+        micro, counts = self.train.micro_batch_size, self.scaling.worker_counts
+        uneven = [n for n in counts if self.train.global_batch_size % (micro * n)]
+        if not uneven:
+            return
+        if not self.scaling.elastic:
+            per_step = micro * self.scaling.num_workers
             raise ValueError(
                 f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={self.train.micro_batch_size} x scaling.num_workers={self.scaling.num_workers}"
+                f"train.micro_batch_size={micro} x scaling.num_workers={self.scaling.num_workers}"
                 f" (= {per_step}); gradient accumulation must be a whole number. Try global_batch_size="
                 f"{math.ceil(self.train.global_batch_size / per_step) * per_step}."
             )
+        fits = math.lcm(*(micro * n for n in counts))
+        raise ValueError(
+            f"train.global_batch_size={self.train.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{micro} x {', '.join(map(str, uneven))} worker(s), counts the elastic range "
+            f"scaling.num_workers=[{counts.start}, {counts.stop - 1}] may train on: the global batch must stay the "
+            f"same at every size. Try global_batch_size={math.ceil(self.train.global_batch_size / fits) * fits}."
+        )
 
     def _check_method(self) -> None:
         method, gpu = self.method, self.scaling.use_gpu
@@ -600,7 +665,13 @@ class JobSpec(Section):
     # ---- values derived from the spec (derived here so every caller agrees)
     @property
     def gradient_accumulation_steps(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.scaling.num_workers)
+        """At scaling.num_workers; an elastic run re-derives it at its size (accumulation_at)."""
+        return self.accumulation_at(self.scaling.num_workers)
+
+    def accumulation_at(self, workers: int) -> int:
+        """Micro-batches each worker accumulates per step at `workers` workers: the global batch
+        stays train.global_batch_size rows at every size."""
+        return self.train.global_batch_size // (self.train.micro_batch_size * workers)
 
     @property
     def precision(self) -> str:
@@ -622,10 +693,10 @@ class JobSpec(Section):
 
     def step_plan(self, train_rows: int) -> StepPlan:
         """Optimizer steps per epoch and in total, as the HF trainer will count them, and the
-        default checkpoint interval (four checkpoints a run)."""
-        micro_batches = math.ceil(train_rows / self.train.micro_batch_size)
-        per_worker = math.ceil(micro_batches / self.scaling.num_workers)
-        per_epoch = max(1, math.ceil(per_worker / self.gradient_accumulation_steps))
+        default checkpoint interval (four checkpoints a run). The same at every worker count:
+        a step is train.global_batch_size rows, the last one of an epoch topped up with rows that
+        carry no loss (rayft.train.epoch)."""
+        per_epoch = max(1, math.ceil(train_rows / self.train.global_batch_size))
         total = self.train.max_steps or max(1, math.ceil(self.train.epochs * per_epoch))
         save_every = self.train.save_every or max(1, math.ceil(total / 4))
         return StepPlan(per_epoch, total, save_every, self.train.eval_every or save_every)

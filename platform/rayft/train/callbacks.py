@@ -4,6 +4,7 @@ timeline, and the per-step sample log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -102,13 +103,21 @@ def post(board: Any, rank: int, **fields: Any) -> None:
 
 class CheckpointReporter(RayTrainReportCallback):
     """Ray's callback, with checkpoints named by step (`checkpoint_000040`) and the step in the
-    metrics, so a user can find and compare them in storage."""
+    metrics, so a user can find and compare them in storage.
 
-    seconds = 0.0  # spent copying and uploading checkpoints, for the run summary
+    Uploads are asynchronous: the checkpoint is copied to a staging directory of its own (the
+    trainer rotates its scratch checkpoints) and Ray uploads it in a background thread, deleting
+    the staging copy after, while training goes on. Ray commits checkpoints in order and waits
+    for the last upload before the worker ends. A checkpoint written because the node is being
+    drained (`urgent`) uploads synchronously: it must be in storage before the node goes."""
+
+    seconds = 0.0  # training time spent on checkpoints here (the local copy; a sync upload too)
+    urgent = False  # set by PreemptionCheckpoint for the next save
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         import ray.train
         import transformers.trainer
+        from ray.train import CheckpointUploadMode
 
         started = time.time()
         metrics: dict[str, Any] = {}
@@ -116,15 +125,111 @@ class CheckpointReporter(RayTrainReportCallback):
             metrics.update(log)
         metrics["step"] = state.global_step
         source = transformers.trainer.get_last_checkpoint(args.output_dir)
-        with tempfile.TemporaryDirectory() as staging:
-            checkpoint = None
-            if source is not None:
-                shutil.copytree(source, os.path.join(staging, self.CHECKPOINT_NAME))
-                checkpoint = ray.train.Checkpoint.from_directory(staging)
-            ray.train.report(
-                metrics=metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.global_step)
-            )
+        staging, checkpoint = tempfile.mkdtemp(prefix="rayft-upload-"), None
+        if source is not None:
+            shutil.copytree(source, os.path.join(staging, self.CHECKPOINT_NAME))
+            checkpoint = ray.train.Checkpoint.from_directory(staging)
+        mode = CheckpointUploadMode.SYNC if self.urgent else CheckpointUploadMode.ASYNC
+        ray.train.report(
+            metrics=metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=checkpoint_dir_name(state.global_step),
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=True,
+        )
+        if checkpoint is None or mode is CheckpointUploadMode.SYNC:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.urgent = False
         self.seconds += time.time() - started
+
+
+class PreemptionCheckpoint(TrainerCallback):
+    """A just-in-time checkpoint when a node of the group is being drained or preempted (`ray
+    drain-node`, a spot reclaim notice): after the step in progress, every worker saves, and the
+    checkpoint uploads before the node goes, so no completed step is lost. Ray then restarts the
+    group from it, on the nodes that remain, against run.max_preemptions.
+
+    `ray.train.get_preemption_info()` is a barrier over the workers; it is asked once per optimizer
+    step, on every rank (a few milliseconds against steps of seconds)."""
+
+    def __init__(self, reporter: CheckpointReporter, board: Any, rank: int):
+        self.reporter, self.board, self.rank = reporter, board, rank
+        self.saved_for: frozenset[str] = frozenset()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None or frozenset(info.preempted_node_ids) <= self.saved_for:
+            return
+        self.saved_for = frozenset(info.preempted_node_ids)
+        control.should_save = True
+        self.reporter.urgent = True
+        if self.rank == 0 and self.board is not None:
+            nodes = ", ".join(node[:12] for node in info.preempted_node_ids)
+            left = (
+                f", {max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s before it goes" if info.deadline_ms else ""
+            )
+            self.board.note.remote(
+                f"node {nodes} (ranks {info.preempted_ranks}) is being drained{left}: checkpoint at step "
+                f"{state.global_step}"
+            )
+
+
+class HangWatchdog(TrainerCallback):
+    """Ends this worker when it makes no progress (no step, evaluation batch, log or checkpoint)
+    for run.hang_timeout_s, as a collective that never returns would: Ray then restarts the group
+    from the last checkpoint (against run.max_failures). A stuck thread cannot be interrupted
+    from Python, so the process exits; the cause reaches the terminal first.
+
+    Armed from the first step to the end of training: loading the model and the final save are
+    not watched."""
+
+    def __init__(self, timeout_s: float, board: Any, rank: int):
+        self.timeout_s, self.board, self.rank = timeout_s, board, rank
+        self.last = time.monotonic()
+        self.armed = False
+        self.stopped = False
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import threading
+
+        self.beat()
+        self.armed = True
+        threading.Thread(target=self._watch, name="rayft-hang-watchdog", daemon=True).start()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.beat()
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.beat()
+
+    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.beat()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.beat()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stopped = True
+
+    def _watch(self) -> None:
+        while not self.stopped:
+            time.sleep(min(5.0, self.timeout_s / 4))
+            idle = time.monotonic() - self.last
+            if idle > self.timeout_s and not self.stopped:
+                message = (
+                    f"rank {self.rank} made no progress for {idle:.0f} s (run.hang_timeout_s={self.timeout_s:g}): "
+                    "a hung collective or a stuck worker; ending it so the group restarts from the last checkpoint"
+                )
+                print(f"rayft: {message}", flush=True)
+                if self.board is not None:
+                    with contextlib.suppress(Exception):  # the driver may be unreachable too: exit anyway
+                        ray.get(self.board.note.remote(message), timeout=10)
+                os._exit(70)  # EX_SOFTWARE; Ray reports the worker as died
 
 
 class ProgressReporter(TrainerCallback):
@@ -234,6 +339,19 @@ class WithSampleIds:
         batch = self.collator([{k: v for k, v in f.items() if k != "sample_ids"} for f in features])
         batch["sample_ids"] = ids
         return batch
+
+
+class InjectedHang(TrainerCallback):
+    """Test hook (RAYFT_TEST_HANG_AT_STEP): the last rank stops for good after that step, in the
+    run's first attempt only, as a worker stuck in a collective would."""
+
+    def __init__(self, step: int, rank: int, first_attempt: bool):
+        self.step, self.hangs = step, first_attempt and rank == world_size() - 1
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.hangs and state.global_step == self.step:
+            while True:
+                time.sleep(3600)
 
 
 class StepThrottle(TrainerCallback):

@@ -59,6 +59,8 @@ def fit(
             result = trainer.fit()
         except Exception as exc:
             raise (user_error_in(exc) or _training_failed(exc)) from None
+        if isinstance(result.return_value, RayftError):  # refused in setup: no restart would help
+            raise result.return_value
     summary = RunSummary.of(
         result.return_value,
         services.attempts,
@@ -83,12 +85,20 @@ def _begin(plan: RunPlan, log: Log) -> None:
         log(f"train: resuming {spec.run_name} from {plan.resume_from} (--fresh starts over)")
     mark(run_dir.path)
     storage.write_text(run_dir.spec, yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    log(
-        f"train: {spec.scaling.num_workers} worker(s), global batch {spec.train.global_batch_size} = "
-        f"{spec.train.micro_batch_size} x {spec.scaling.num_workers} workers x "
-        f"{spec.gradient_accumulation_steps} accumulation, {plan.steps.total_steps} steps, "
-        f"checkpoint every {plan.steps.save_every} -> {run_dir.path}"
-    )
+    scaling = spec.scaling
+    if scaling.elastic:
+        sizes = ", ".join(f"{n} x {spec.accumulation_at(n)}" for n in scaling.worker_counts)
+        layout = (
+            f"elastic {scaling.min_workers}-{scaling.num_workers} workers, global batch "
+            f"{spec.train.global_batch_size} = {spec.train.micro_batch_size} x workers x accumulation ({sizes})"
+        )
+    else:
+        layout = (
+            f"{scaling.num_workers} worker(s), global batch {spec.train.global_batch_size} = "
+            f"{spec.train.micro_batch_size} x {scaling.num_workers} workers x "
+            f"{spec.gradient_accumulation_steps} accumulation"
+        )
+    log(f"train: {layout}, {plan.steps.total_steps} steps, checkpoint every {plan.steps.save_every} -> {run_dir.path}")
     if plan.waiting:
         log(f"train: {plan.waiting}")
 
@@ -101,7 +111,9 @@ def scaling_config(spec: JobSpec) -> Any:
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     return ScalingConfig(
-        num_workers=scaling.num_workers,
+        # elastic: Ray starts with what fits between the bounds and resizes as nodes come and go
+        num_workers=(scaling.min_workers, scaling.num_workers) if scaling.elastic else scaling.num_workers,
+        elastic_resize_monitor_interval_s=scaling.resize_check_s,
         use_gpu=scaling.use_gpu,
         resources_per_worker=resources,
         accelerator_type=scaling.accelerator_type,
@@ -125,7 +137,9 @@ def run_config(plan: RunPlan, callbacks: list[Any] | None = None) -> Any:
             checkpoint_score_attribute=metric,
             checkpoint_score_order=spec.run.checkpoint_mode,
         ),
-        failure_config=FailureConfig(max_failures=spec.run.max_failures),
+        failure_config=FailureConfig(
+            max_failures=spec.run.max_failures, max_preemption_failures=spec.run.max_preemptions
+        ),
         worker_runtime_env=runtime_env(spec, Target.WORKERS) or {},
         callbacks=callbacks or None,
     )

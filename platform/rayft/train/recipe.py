@@ -32,12 +32,14 @@ from rayft.rundir import HF_CHECKPOINT
 from rayft.train import callbacks
 from rayft.train.deepspeed import deepspeed_config
 from rayft.train.deepspeed_ops import load_ops, ops_needed
+from rayft.train.epoch import whole_steps
 from rayft.train.result import RunResult
 from rayft.train.run import RunPlan
 from rayft.train.services import WorkerServices
 from rayft.train.trainer import MeteredSFTTrainer, sft_config
 
 STEP_SECONDS_HOOK = "RAYFT_TEST_STEP_SECONDS"  # test hook: sleep after each step (CONTRIBUTING.md)
+HANG_AT_STEP_HOOK = "RAYFT_TEST_HANG_AT_STEP"  # test hook: the last rank hangs after that step
 
 
 class SFTRecipe:
@@ -71,7 +73,7 @@ class SFTRecipe:
     def __init__(self, plan: RunPlan, services: WorkerServices):
         self.plan, self.spec, self.services = plan, plan.spec, services
         context = ray.train.get_context()
-        self.rank = context.get_world_rank()
+        self.rank, self.workers = context.get_world_rank(), context.get_world_size()
 
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -80,9 +82,7 @@ class SFTRecipe:
         quiet_worker()
         if not spec.scaling.use_gpu:
             torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
-        callbacks.post(
-            self.services.board, self.rank, phase="loading model", workers=ray.train.get_context().get_world_size()
-        )
+        callbacks.post(self.services.board, self.rank, phase="loading model", workers=self.workers)
         model_dir = materialized_dir(spec)  # this node's copy (a GGUF converted here if it has none)
         set_seed(spec.train.seed)  # before the model: LoRA weights are initialized from it
         tokenizer = load_tokenizer(spec, model_dir)
@@ -96,6 +96,7 @@ class SFTRecipe:
         if spec.method.deepspeed:
             load_ops(ops_needed(deepspeed_config(spec), use_gpu=spec.scaling.use_gpu))
         train_data, eval_data = load_split(plan.prepared, "train"), load_split(plan.prepared, "eval")
+        train_data = whole_steps(train_data, spec.train.global_batch_size, tokenizer.pad_token_id)
         self.scratch = tempfile.mkdtemp(prefix=f"rayft-{spec.run_name}-rank{self.rank}-")
         self.resume = _restore(ray.train.get_checkpoint(), self.scratch)
         self.resumed_from_step = _step_of(self.resume)
@@ -105,7 +106,12 @@ class SFTRecipe:
         self.trainer = MeteredSFTTrainer(
             model=model,
             args=sft_config(
-                spec, self.scratch, has_eval=eval_data is not None, steps=plan.steps, precision=plan.precision
+                spec,
+                self.scratch,
+                has_eval=eval_data is not None,
+                steps=plan.steps,
+                precision=plan.precision,
+                workers=self.workers,
             ),
             train_dataset=train_data,
             eval_dataset=eval_data,
@@ -130,7 +136,12 @@ class SFTRecipe:
             trainer.add_callback(samples)
         if os.environ.get(STEP_SECONDS_HOOK):
             trainer.add_callback(callbacks.StepThrottle(float(os.environ[STEP_SECONDS_HOOK])))
+        if os.environ.get(HANG_AT_STEP_HOOK):
+            hang = callbacks.InjectedHang(int(os.environ[HANG_AT_STEP_HOOK]), self.rank, self.resumed_from_step == 0)
+            trainer.add_callback(hang)
+        trainer.add_callback(callbacks.HangWatchdog(self.spec.run.hang_timeout_s, self.services.board, self.rank))
         self.reporter = callbacks.CheckpointReporter()
+        trainer.add_callback(callbacks.PreemptionCheckpoint(self.reporter, self.services.board, self.rank))
         trainer.add_callback(self.reporter)
         self.timeline = self.tracked = None
         if self.rank == 0:

@@ -7,10 +7,12 @@ from rayft.spec import JobSpec
 
 
 def required_resources(spec: JobSpec) -> dict[str, float]:
+    """What the worker group needs to start: an elastic run starts at scaling.min_workers."""
     scaling = spec.scaling
-    needed = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
+    workers = scaling.worker_counts.start
+    needed = {"CPU": workers * scaling.cpus_per_worker}
     if scaling.use_gpu:
-        needed["GPU"] = scaling.num_workers * scaling.gpus_per_worker
+        needed["GPU"] = workers * scaling.gpus_per_worker
     return needed
 
 
@@ -25,10 +27,18 @@ def capacity_wait(spec: JobSpec) -> str | None:
         return None
     scaling = spec.scaling
     what = ", ".join(f"{v:g} more {k}" for k, v in missing.items())
-    asked = f"scaling.num_workers={scaling.num_workers} x " + (
-        f"scaling.gpus_per_worker={scaling.gpus_per_worker:g} GPU"
-        if "GPU" in missing
-        else f"scaling.cpus_per_worker={scaling.cpus_per_worker:g} CPU"
+    asked = (
+        (
+            f"scaling.min_workers={scaling.min_workers}"
+            if scaling.elastic
+            else f"scaling.num_workers={scaling.num_workers}"
+        )
+        + " x "
+        + (
+            f"scaling.gpus_per_worker={scaling.gpus_per_worker:g} GPU"
+            if "GPU" in missing
+            else f"scaling.cpus_per_worker={scaling.cpus_per_worker:g} CPU"
+        )
     )
     ceiling = _autoscaler_ceiling()
     if ceiling and all(ceiling.get(k, 0) >= v for k, v in needed.items()):

@@ -129,17 +129,24 @@ def _token_batches(dataset: Any, rows: Any, budget: int) -> list[list[int]]:
 
 
 def sft_config(
-    spec: JobSpec, output_dir: str, *, has_eval: bool, steps: StepPlan, precision: str | None = None
+    spec: JobSpec,
+    output_dir: str,
+    *,
+    has_eval: bool,
+    steps: StepPlan,
+    precision: str | None = None,
+    workers: int | None = None,
 ) -> SFTConfig:
     """The trainer's arguments. The batch is per worker: SFTRecipe's docstring says why the
     global batch stays `train.global_batch_size` at any worker count. `precision`: the run
-    plan's (auto decided on the machine); default the spec's."""
+    plan's (auto decided on the machine); default the spec's. `workers`: the size of the worker
+    group this attempt has (an elastic run's changes); default scaling.num_workers."""
     train, precision = spec.train, precision or spec.precision
     return SFTConfig(
         output_dir=output_dir,
         per_device_train_batch_size=train.micro_batch_size,
         per_device_eval_batch_size=train.micro_batch_size,  # rayft's evaluation batches by tokens
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        gradient_accumulation_steps=spec.accumulation_at(workers or spec.scaling.num_workers),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
         learning_rate=train.learning_rate,

@@ -10,10 +10,20 @@ from typing import Any
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> Any:
-    """config: {"plan": RunPlan, "services": WorkerServices}. Returns rank 0's RunResult."""
+    """config: {"plan": RunPlan, "services": WorkerServices}. Returns rank 0's RunResult, or
+    the RayftError that refused the run in setup.
+
+    A refusal in setup (a template, an attention kernel or a package the spec cannot use) would
+    refuse again on every restart, so it is returned, not raised: Ray's failure budget is for
+    crashes, hangs and lost nodes. Every rank refuses alike, since each decides from the same
+    spec on the same kind of node."""
+    from rayft.errors import RayftError
     from rayft.train.recipe import SFTRecipe
 
     recipe = SFTRecipe(config["plan"], config["services"])
-    recipe.setup()
+    try:
+        recipe.setup()
+    except RayftError as refusal:
+        return refusal
     recipe.train()
     return recipe.finish()
