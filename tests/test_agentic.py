@@ -2,9 +2,10 @@
 
 Labels are proven token by token against an independent reference: the tokenizer's own
 `apply_chat_template` (transformers' renderer, not rayft's), prefix by prefix, on the original
-templates that TRL's wheel ships (read from the installed wheel, not copied into this repository),
-each on a tokenizer that holds the template's control tokens as special tokens. Every template
-prints its row of the table of data kinds x mismatches.
+templates that TRL's wheel ships (read from the installed wheel, not copied into this repository)
+and on Mistral-7B-Instruct-v0.3's, which no wheel ships (vendored under tests/templates/, see the
+README there), each on a tokenizer that holds the template's control tokens as special tokens.
+Every template prints its row of the table of data kinds x mismatches.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rayft.errors import DataError, SpecError
 from rayft.spec.schema import DataSpec
 
 TRL_TEMPLATES = Path(importlib.util.find_spec("trl").submodule_search_locations[0]) / "chat_templates"
+VENDORED = {"mistral_7b_instruct_v0_3": Path(__file__).parent / "templates" / "mistral_7b_instruct_v0_3.jinja"}
 
 WEATHER = {
     "type": "function",
@@ -104,6 +106,15 @@ LLAMA3 = (
 )
 QWEN_TEXT = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 DEEPSEEK = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ["<｜User｜>", "<｜Assistant｜>"])
+MISTRAL_V3 = [
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+]
 MODELS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "llama3_1": (*LLAMA3, []),
     "llama3_2": (*LLAMA3, []),
@@ -112,7 +123,20 @@ MODELS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "phi3_5": ("<s>", "<|endoftext|>", ["<|user|>", "<|assistant|>", "<|end|>", "<|system|>"], []),
     "gemma": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"], []),
     "deepseek_r1_distill_training": (*DEEPSEEK, ["<think>", "</think>"]),
+    "mistral_7b_instruct_v0_3": ("<s>", "</s>", MISTRAL_V3, []),
 }
+# Mistral v0.3 requires tool-call ids of 9 alphanumeric characters (its template raises otherwise).
+NINE = {"c1": "call00001", "c2": "call00002"}
+
+
+def kinds_for(name: str) -> dict[str, dict]:
+    if not name.startswith("mistral"):
+        return KINDS
+    text = json.dumps(KINDS)
+    for short, nine in NINE.items():
+        text = text.replace(f'"{short}"', f'"{nine}"')
+    return json.loads(text)
+
 
 ADVERSARIAL = {
     "messages": [
@@ -140,7 +164,7 @@ def model_tokenizer(name: str):
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in text_tokens])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos or None, eos_token=eos)
     tokenizer.add_special_tokens({"additional_special_tokens": controls})
-    tokenizer.chat_template = (TRL_TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+    tokenizer.chat_template = VENDORED.get(name, TRL_TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
     return tokenizer
 
 
@@ -149,8 +173,8 @@ def reference(sample: dict, template: ChatTemplate, tokenizer) -> list[tuple[lis
     inference would see (one when history renders as it was, one per turn when it does not)."""
     messages, tools = template.adapt(sample["messages"]), sample.get("tools")
 
-    def render(upto: int, prompt: bool = False) -> str:
-        text = tokenizer.apply_chat_template(messages[:upto], tools=tools, add_generation_prompt=prompt, tokenize=False)
+    def render(upto: int, prompt: bool = False, source: list[dict] = messages) -> str:
+        text = tokenizer.apply_chat_template(source[:upto], tools=tools, add_generation_prompt=prompt, tokenize=False)
         suffix = template.final_suffix
         return text[: -len(suffix)] if suffix and not prompt and text.endswith(suffix) else text
 
@@ -158,6 +182,21 @@ def reference(sample: dict, template: ChatTemplate, tokenizer) -> list[tuple[lis
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if messages[0]["role"] == "system" and not render(turns[0] + 1).startswith(render(turns[0], prompt=True)):
+        # The system message is rendered into the prompt inference answers but left out once a
+        # reply follows (Mistral v0.3): each turn is that prompt, then the reply as the template
+        # renders it after the same history without the system message.
+        out = []
+        for i in turns:
+            prompt_text, before, after = (
+                render(i, True),
+                render(i - 1, True, messages[1:]),
+                render(i, False, messages[1:]),
+            )
+            assert after.startswith(before)
+            tokens, start = ids(prompt_text + after[len(before) :]), len(ids(prompt_text))
+            out.append((tokens, [IGNORE] * start + tokens[start:]))
+        return out
     full = render(len(messages))
     if all(full.startswith(render(i + 1)) for i in turns):
         sequences = [(full, turns)]
@@ -180,7 +219,7 @@ def test_real_templates_match_apply_chat_template(name: str, capsys) -> None:
     template = resolve_template("tokenizer", tokenizer)
     controls = control_tokens(tokenizer)
     row, mismatches = {}, 0
-    for kind, sample in KINDS.items():
+    for kind, sample in kinds_for(name).items():
         try:
             rendered = render_sample(sample, template, controls=controls)
         except RecordError as exc:
@@ -255,6 +294,28 @@ def test_original_deepseek_r1_is_refused_with_the_true_cause() -> None:
     source = (TRL_TEMPLATES / "deepseek_r1_distill.jinja").read_text(encoding="utf-8")
     with pytest.raises(SpecError, match="drops the reasoning of assistant turns.*deepseek_r1_distill_training"):
         check_template(ChatTemplate("deepseek_r1_distill", source, "<s>", "</s>"))
+
+
+def test_mistral_v03_system_prompt_goes_into_each_turns_prompt() -> None:
+    """Mistral v0.3 renders the system message into the last user turn only when the conversation
+    ends there (what inference renders): each reply is trained after that prompt, the system
+    message included, never on a history without it; what cannot be done so is refused."""
+    tokenizer = model_tokenizer("mistral_7b_instruct_v0_3")
+    template = resolve_template("tokenizer", tokenizer)
+    assert template.supports_system and template.system_in_prompt_only and template.end_of_turn() == "</s>"
+    assert template.reasoning == "inline"  # no reasoning field: reasoning is trained as a <think> block in the content
+    sample = {"messages": [{"role": "system", "content": "You are terse."}, *KINDS["multi-turn"]["messages"]]}
+    first, second = render_sample(sample, template)
+    assert first.text == "<s>[INST] You are terse.\n\nName a fruit.[/INST] Apple.</s>"
+    assert second.text == "<s>[INST] Name a fruit.[/INST] Apple.</s>[INST] You are terse.\n\nAnother?[/INST] Pear.</s>"
+    assert [r.text[r.spans[0][0] : r.spans[0][1]] for r in (first, second)] == [" Apple.</s>", " Pear.</s>"]
+    with pytest.raises(RecordError, match="system message only into the last user turn.*split_turns: auto"):
+        render_sample(sample, template, split_turns="never")
+    with pytest.raises(RecordError, match="system message only when the conversation ends with a user turn"):
+        render_sample(sample, template, "everything")
+    # Tool-call ids of any other length than 9 are refused with the template's own message.
+    with pytest.raises(RecordError, match="Tool call IDs should be alphanumeric strings with length 9"):
+        render_sample(KINDS["tool call + result"], template)
 
 
 def test_phi35_final_eos_is_not_part_of_a_reply() -> None:

@@ -15,7 +15,11 @@ What the probes also learn about a template, so rendering can adapt the data to 
 - whether its generation prompt opens a reasoning block (DeepSeek-R1: "<think>\\n"), so a reply
   without reasoning gets an empty block, as the model would emit it;
 - what it appends only after the last message (Phi-3.5: the end-of-sequence token), which is
-  not part of any reply: inference never renders it after a turn.
+  not part of any reply: inference never renders it after a turn;
+- whether it renders the system message only into a conversation that ends with a user turn
+  (Mistral-7B-Instruct-v0.3 puts it into the last user turn, the one inference answers, and
+  leaves it out once a reply follows): each reply is then trained after the prompt inference
+  renders for it, system message included.
 """
 
 from __future__ import annotations
@@ -174,6 +178,7 @@ class ChatTemplate:
     reasoning: Reasoning = "field"  # how the template takes a reply's reasoning (module docstring)
     opens_reasoning: bool = False  # its generation prompt opens a <think> block
     final_suffix: str = ""  # appended after the last message only (Phi-3.5: EOS); never trained
+    system_in_prompt_only: bool = False  # the system message is rendered only before a generation (Mistral v0.3)
 
     def render(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, tools: list | None = None
@@ -249,14 +254,21 @@ def resolve_template(name: str, tokenizer: Any) -> ChatTemplate:
     return check_template(template)
 
 
-def _renders_system(template: ChatTemplate) -> bool:
-    probe = [
-        {"role": "system", "content": "SYS-PROBE"},
-        {"role": "user", "content": "U"},
-        {"role": "assistant", "content": "A"},
-    ]
+_SYSTEM_PROBE = [
+    {"role": "system", "content": "SYS-PROBE"},
+    {"role": "user", "content": "U"},
+    {"role": "assistant", "content": "A"},
+]
+
+
+def _renders_system(template: ChatTemplate, prompt: bool = False) -> bool:
+    """Whether the system message is rendered: in a conversation with a reply, or (prompt) in
+    the generation prompt that inference renders before the reply."""
+    probe = template.adapt(_SYSTEM_PROBE)
     try:
-        return "SYS-PROBE" in template.render(template.adapt(probe))
+        return "SYS-PROBE" in (
+            template.render(probe[:2], add_generation_prompt=True) if prompt else template.render(probe)
+        )
     except jinja2.TemplateError:
         return False
 
@@ -346,7 +358,12 @@ def check_template(template: ChatTemplate) -> ChatTemplate:
             "marker (e.g. eos_token or <|im_end|>), so a tuned model would never learn to stop",
             field=where,
         )
-    return replace(template, supports_system=_renders_system(template))
+    in_conversation, in_prompt = _renders_system(template), _renders_system(template, prompt=True)
+    return replace(
+        template,
+        supports_system=in_conversation or in_prompt,
+        system_in_prompt_only=in_prompt and not in_conversation,
+    )
 
 
 def _is_reasoning_frame(template: ChatTemplate, before: str) -> bool:

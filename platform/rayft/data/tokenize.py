@@ -12,7 +12,9 @@ tokenized alone and that token never occurs there.
 Templates that render history differently from how inference rendered it (Qwen3 drops the
 reasoning of earlier turns) cannot train every turn in one sequence: under `data.split_turns:
 auto` each trained turn becomes a sample of its own, rendered as inference renders it at that
-turn (never refused, never trained on a history the model did not see).
+turn (never refused, never trained on a history the model did not see). A template that renders
+the system message only before a generation (Mistral v0.3) gets the same: each turn after the
+prompt inference renders for it, system message included.
 
 Content is text. A control-token string typed inside content ("<|im_end|>" in a user message, a
 reply, a tool result, a raw text) is tokenized as the characters it is, never as the control
@@ -139,9 +141,9 @@ def _render(
     training: Training,
     split_turns: SplitTurns,
 ) -> list[Rendered]:
-    def render(upto: int | None, prompt: bool = False) -> str:
+    def render(upto: int | None, prompt: bool = False, source: list[dict[str, Any]] = adapted) -> str:
         try:
-            return template.render(adapted if upto is None else adapted[:upto], prompt, tools=tools)
+            return template.render(source if upto is None else source[:upto], prompt, tools=tools)
         except Exception as exc:  # raise_exception(), undefined variables, a template's own type errors
             roles = ", ".join(m["role"] + ("(tool_calls)" if "tool_calls" in m else "") for m in messages)
             raise RecordError(
@@ -150,14 +152,12 @@ def _render(
                 f"its turns: {roles}",
             ) from None
 
+    if template.system_in_prompt_only and messages and messages[0]["role"] == "system":
+        return _render_system_in_prompt(render, adapted, messages, template, training, split_turns)
     text = _drop_final(render(None), template)
     if training.turns == "everything":
         return [Rendered(text, [(0, len(text))])]
-    turns = [
-        i for i, m in enumerate(messages) if m["role"] == "assistant" and (training.tool_calls or "tool_calls" not in m)
-    ]
-    if training.turns == "last_assistant":
-        turns = turns[-1:]
+    turns = _trained_turns(messages, training)
     replies: list[tuple[int, str, str]] = []  # (turn, prompt, prompt + reply)
     consistent = True
     for index in turns:
@@ -189,6 +189,59 @@ def _render(
         Rendered(u, [_trained_span(len(p), len(u), u, messages[i], training)], [(len(p), len(u))], turns=[i])
         for i, p, u in replies
     ]
+
+
+def _trained_turns(messages: list[dict[str, Any]], training: Training) -> list[int]:
+    turns = [
+        i for i, m in enumerate(messages) if m["role"] == "assistant" and (training.tool_calls or "tool_calls" not in m)
+    ]
+    return turns[-1:] if training.turns == "last_assistant" else turns
+
+
+def _render_system_in_prompt(
+    render: Any,
+    adapted: list[dict[str, Any]],
+    messages: list[dict[str, Any]],
+    template: ChatTemplate,
+    training: Training,
+    split_turns: SplitTurns,
+) -> list[Rendered]:
+    """A template that renders the system message only into a conversation that ends with a
+    user turn (Mistral v0.3: into the last user turn) shows it to inference at every turn, but
+    leaves it out of any conversation that goes on past a reply. Each trained turn is then a
+    sequence of its own: the prompt inference renders at that turn (system message included),
+    then the reply as the template renders it after the same history without the system message."""
+    name = template.name
+    if training.turns == "everything":
+        raise RecordError(
+            "content_dropped",
+            f"template {name!r} renders the system message only when the conversation ends with a user turn, "
+            "so a whole conversation rendered for data.train_on: everything would leave it out; train on the "
+            "assistant turns (all_assistant or last_assistant), or drop the system turn",
+        )
+    if split_turns == "never":
+        raise RecordError(
+            "history_differs",
+            f"template {name!r} renders the system message only into the last user turn of a conversation that "
+            "ends with one (what inference renders at each turn), never once a reply follows, so each turn is "
+            "trained as a sequence of its own and data.split_turns is never; set data.split_turns: auto",
+        )
+    bare = adapted[1:]  # the same conversation without its system message (index i -> i - 1)
+    out = []
+    for index in _trained_turns(messages, training):
+        prompt = render(index, prompt=True)
+        before, after = render(index - 1, True, bare), _drop_final(render(index, False, bare), template)
+        if not after.startswith(before):
+            raise RecordError(
+                "template_error",
+                f"template {name!r} does not render turn {index} after its generation prompt: the prompt ends "
+                f"{before[-40:]!r}, the conversation continues {after[len(_common(before, after)) :][:40]!r}",
+            )
+        text = prompt + after[len(before) :]
+        _refuse_dropped(template, [messages[0], messages[index]], text)
+        span = _trained_span(len(prompt), len(text), text, messages[index], training)
+        out.append(Rendered(text, [span], [(len(prompt), len(text))], turns=[index]))
+    return out
 
 
 def _refuse_dropped(template: ChatTemplate, messages: list[dict[str, Any]], text: str) -> None:
