@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rayft.env import Target, env_names, env_values
-from rayft.rundir import RunDir, checkpoint_name, models_cache, prepared_base
+from rayft.rundir import RunDir, checkpoint_name, local_models, models_cache, prepared_base
 from rayft.spec import load_spec
 from rayft.storage import Location, is_remote
 
@@ -40,7 +40,8 @@ def test_object_store_locations_keep_their_scheme() -> None:
     assert str(prepared_base(job)) == "s3://bucket/runs/prepared"
     assert Location.of("gs://b/x/").join("y", "z/") == Location("gs://b/x/y/z")
     assert is_remote("file:///tmp/x") and not is_remote("/tmp/x") and not is_remote("~/x")
-    assert not str(models_cache(job)).startswith("s3://")  # converted models are local directories
+    assert str(models_cache(job)) == "s3://bucket/runs/.models"  # converted once per cluster, kept here
+    assert not local_models(job).startswith("s3://")  # ... and read from each node's local copy
 
 
 def test_checkpoint_names_are_safe_file_name_parts() -> None:

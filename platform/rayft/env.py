@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from enum import Enum
 from typing import Any
 
+from rayft.nodes import on_this_node
 from rayft.quiet import quiet_env
 from rayft.spec import JobSpec
 from rayft.spec.secrets import is_secret_name
@@ -169,7 +170,7 @@ def share_secrets(spec: JobSpec) -> Any | None:
     import ray
 
     if _store is None:
-        _store = ray.remote(num_cpus=0)(SecretStore).remote()
+        _store = ray.remote(num_cpus=0)(SecretStore).options(**on_this_node()).remote()
     ray.get(_store.put.remote(values))
     return _store
 

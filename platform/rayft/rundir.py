@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -131,8 +132,12 @@ def prepared_base(spec: JobSpec) -> Location:
 
 
 def models_cache(spec: JobSpec) -> Location:
-    """Where converted models go: beside the runs, shared like them (a local path here)."""
-    root = storage_root(spec)
-    if root.remote:  # converters write local directories that from_pretrained reads
-        return Location.of("~/.cache/rayft/models")
-    return root.join(".models")
+    """Where converted models go, once per cluster: beside the runs, shared like them."""
+    return storage_root(spec).join(".models")
+
+
+def local_models(spec: JobSpec) -> str:
+    """Where this node's from_pretrained reads converted models (it reads local directories):
+    models_cache itself when that is a path, else this node's copy of what object storage holds."""
+    shared = models_cache(spec)
+    return os.path.expanduser("~/.cache/rayft/models") if shared.remote else str(shared)

@@ -229,11 +229,12 @@ def prepare(
     """
     from rayft.data.prepare import prepare as run_prepare
     from rayft.model import load_tokenizer, materialized_dir
-    from rayft.train.preflight import preflight
+    from rayft.train.preflight import check_cluster_paths, preflight
 
     job = _load(spec, overrides, profile)
     preflight(job)
     _connect(address, verbose)
+    check_cluster_paths(job, run_storage=False)
     prepared = run_prepare(job, load_tokenizer(job, materialized_dir(job)), force=force, log=log)
     log(f"prepared: {prepared.root}")
 

@@ -22,6 +22,7 @@ from rayft.data.prepared import STATS_FILE, Prepared
 from rayft.data.sources import plan_chunks
 from rayft.env import Target, runtime_env, share_secrets
 from rayft.errors import DataError, user_error_in
+from rayft.nodes import on_this_node
 from rayft.spec import JobSpec
 
 
@@ -56,7 +57,7 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False, log: Callable
         )
         for index, source in enumerate(sources)
     ]
-    ledger = stages.LedgerActor.remote()
+    ledger = stages.LedgerActor.options(**on_this_node()).remote()
     started = time.time()
     log(f"data: preparing {sum(map(len, entry.files))} file(s) in {len(chunks)} read task(s) -> {entry.root}")
     staging = _staging_for(entry.root, started)
@@ -103,7 +104,7 @@ def _pipeline(
     remote = _remote_args(spec)
     secrets = share_secrets(spec)
     source = stages.SampleSource(chunks, options, spec.data, ledger, secrets)
-    dataset = ray.data.read_datasource(source, ray_remote_args=remote)
+    dataset = ray.data.read_datasource(source, **remote)  # runtime_env is a named parameter now
     with warnings.catch_warnings():  # max_restarts has no named parameter; Ray warns about **kwargs
         warnings.simplefilter("ignore")
         dataset = dataset.map_batches(

@@ -13,7 +13,7 @@ from rayft.env import Target, adopt_secrets, runtime_env
 from rayft.model import materialized_dir
 from rayft.model.trained import load_for_generation
 from rayft.quiet import quiet_worker
-from rayft.rundir import models_cache
+from rayft.rundir import local_models
 from rayft.spec import JobSpec
 
 ModelRef = tuple[str, "str | None"]  # (model directory, LoRA adapter directory or None)
@@ -69,7 +69,7 @@ def load_on_this_node(model: ModelRef, spec: JobSpec, secrets: Any = None) -> tu
     quiet_worker()
     torch.set_num_threads(1)
     model_dir, adapter_dir = model
-    if not os.path.isdir(model_dir) and model_dir.startswith(str(models_cache(spec))):
+    if not os.path.isdir(model_dir) and model_dir.startswith(local_models(spec)):
         model_dir = materialized_dir(spec)
     if adapter_dir and storage.is_remote(adapter_dir):
         adapter_dir = storage.download_dir(adapter_dir, tempfile.mkdtemp(prefix="rayft-adapter-"))

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rayft import storage
 from rayft.errors import ModelError, SpecError
-from rayft.rundir import models_cache
+from rayft.rundir import local_models, models_cache
 from rayft.spec import JobSpec, ModelSpec
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 GGUF_MAGIC = b"GGUF"
+UPLOADED = ".uploaded"  # marks a converted model in object storage as complete
 
 
 @dataclass(frozen=True)
@@ -80,18 +82,62 @@ def resolve_source(model: ModelSpec, field: str = "model.path") -> ModelSource:
 
 def materialized_dir(spec: JobSpec) -> str:
     """A directory `from_pretrained` loads quickly: the source itself, or the converted GGUF.
-    Safe to call on any node: a conversion missing there is made there (once per node)."""
+
+    A GGUF is converted once per cluster: into the run storage's `.models/` when that is a
+    shared path; with object storage, into this node's cache and uploaded beside the runs, where
+    every other node (and every restart on a new node) downloads it instead of converting again.
+    Safe to call on any node, concurrently."""
     source = resolve_source(spec.model)
     if not source.gguf_file:
         return source.location
-    gguf = os.path.join(source.location, source.gguf_file)
-    stat = os.stat(gguf)
-    digest = hashlib.sha256(f"{os.path.abspath(gguf)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = os.path.join(str(models_cache(spec)), f"{Path(source.gguf_file).stem}-{digest}")
+    name = f"{Path(source.gguf_file).stem}-{_gguf_digest(os.path.join(source.location, source.gguf_file))}"
+    shared = models_cache(spec)
+    target = os.path.join(local_models(spec), name)
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
-    _convert_gguf(source, target, spec.model.trust_remote_code)
+    if not shared.remote:  # a shared path: convert straight into it
+        _convert_gguf(source, target, spec.model.trust_remote_code)
+        return target
+    remote = str(shared.join(name))
+    if storage.exists(f"{remote}/{UPLOADED}"):
+        _download(remote, target)
+    else:
+        _convert_gguf(source, target, spec.model.trust_remote_code)
+        storage.upload_dir(target, remote)
+        storage.write_text(f"{remote}/{UPLOADED}", "")  # last: object stores have no atomic rename
     return target
+
+
+def _gguf_digest(gguf: str) -> str:
+    """Names a GGUF file by its content (size, first and last MiB), not its path or mtime: the
+    same file installed on two nodes (a wheel's, a PVC's) is one conversion."""
+    size = os.path.getsize(gguf)
+    digest = hashlib.sha256(str(size).encode())
+    with open(gguf, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        handle.seek(max(0, size - (1 << 20)))
+        digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:12]
+
+
+def _download(remote: str, target: str) -> None:
+    """The converted model from storage into this node's cache, atomically (a half-copied
+    directory is never taken for a model)."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".downloading-", dir=os.path.dirname(target))
+    try:
+        storage.download_dir(remote, staging)
+        if not os.path.isfile(os.path.join(staging, "config.json")):
+            raise ModelError(
+                f"the converted model in {remote} is incomplete (no config.json); delete it to convert again"
+            )
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not os.path.isfile(os.path.join(target, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _convert_gguf(source: ModelSource, target: str, trust_remote_code: bool) -> None:

@@ -19,8 +19,9 @@ from rayft.data.templates import BUILTIN_TEMPLATES, resolve_template
 from rayft.errors import SpecError
 from rayft.model.source import resolve_source
 from rayft.model.tokenizer import load_tokenizer
-from rayft.rundir import models_cache, prepared_base, storage_root
-from rayft.spec import JobSpec, ModelSpec
+from rayft.nodes import check_shared
+from rayft.rundir import local_models, prepared_base, storage_root
+from rayft.spec import JobSpec, ModelSpec, anchored
 from rayft.train.deepspeed import deepspeed_config
 
 STORAGE_PROBE_SECONDS = 20  # an object store that has not answered in this long is unreachable
@@ -80,8 +81,8 @@ def _local_tokenizer_dir(spec: JobSpec) -> str | None:
         return None
     if not source.gguf_file:
         return source.location
-    converted = [p for p in _entries(str(models_cache(spec))) if p.startswith(os.path.splitext(source.gguf_file)[0])]
-    return os.path.join(str(models_cache(spec)), converted[0]) if converted else None
+    converted = [p for p in _entries(local_models(spec)) if p.startswith(os.path.splitext(source.gguf_file)[0])]
+    return os.path.join(local_models(spec), converted[0]) if converted else None
 
 
 def _entries(directory: str) -> list[str]:
@@ -111,3 +112,23 @@ def check_storage(spec: JobSpec) -> None:
             ) from None
         finally:
             pool.shutdown(wait=False)  # a probe that hangs is left behind, not waited for
+
+
+def check_cluster_paths(spec: JobSpec, *, run_storage: bool = True) -> None:
+    """On a cluster of several nodes (Ray connected): every node sees the run storage and the
+    data cache (it writes there), the data files and the model (it reads them), as this node
+    does. Object storage is the same everywhere; a hub model or dataset is fetched by each node."""
+    spec = anchored(spec)  # what another node resolves a relative path against is not our directory
+    writable = {"data.cache_dir": str(prepared_base(spec))}
+    if run_storage:
+        writable = {"run.storage_path": str(storage_root(spec)), **writable}
+    readable: dict[str, str] = {}
+    for split, sources in (("train", spec.data.train), ("eval", spec.data.eval or [])):
+        for index, source in enumerate(sources):
+            for file in expand(source.path):
+                if not file.startswith(HUB_PREFIX):
+                    readable.setdefault(f"data.{split}.{index}.path", file)
+    model = resolve_source(spec.model)
+    if model.local:
+        readable["model.path"] = os.path.join(model.location, model.gguf_file or "config.json")
+    check_shared(writable, readable)

@@ -27,7 +27,7 @@ from rayft.rundir import RunDir
 from rayft.spec import JobSpec, StepPlan, anchored
 from rayft.spec.yamlfile import differences
 from rayft.train.precision import model_width, resolve_precision
-from rayft.train.preflight import preflight
+from rayft.train.preflight import check_cluster_paths, preflight
 from rayft.train.resources import capacity_wait
 
 Log = Callable[[str], None]
@@ -83,6 +83,7 @@ def plan_run(
     spec = anchored(spec)  # workers run elsewhere: relative paths mean relative to here
     preflight(spec)  # files, template, storage: what can fail without Ray fails now
     waiting = capacity_wait(spec)  # a job that can never fit fails before anything starts
+    check_cluster_paths(spec)  # a path some node cannot see fails now, not as missing data later
     run_dir = RunDir.of(spec)
     resume_from = latest_checkpoint(run_dir) if resume and not fresh else None
     if resume_from:

@@ -12,10 +12,11 @@ import ray
 from ray.train import UserCallback
 
 from rayft.env import share_secrets
+from rayft.nodes import on_this_node
 from rayft.train.progress import ProgressBoardActor, ProgressPrinter
 from rayft.train.result import Attempt
 from rayft.train.run import RunPlan
-from rayft.train.tracking import run_settings, start_tracker
+from rayft.train.tracking import run_settings, start_tracker, wandb_archive
 
 
 class FailureNotes(UserCallback):
@@ -65,10 +66,12 @@ class RunServices:
         self.attempts: list[Attempt] = []
 
     def __enter__(self) -> RunServices:
-        self.board = ProgressBoardActor.remote()
+        self.board = ProgressBoardActor.options(**on_this_node()).remote()
         notices = {}
         if self.tracker is not None:
-            started = self.tracker.start.remote(self.plan.tracker_key, run_settings(self.plan), self.secrets)
+            started = self.tracker.start.remote(
+                self.plan.tracker_key, run_settings(self.plan), self.secrets, wandb_archive(self.plan)
+            )
             notices[started] = "wandb"
         self.printer = ProgressPrinter(self.board, self.log, waiting=self.plan.waiting, notices=notices).__enter__()
         return self

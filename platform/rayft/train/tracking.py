@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from rayft import storage
 from rayft.env import Target, adopt_secrets, runtime_env
+from rayft.nodes import on_this_node
 from rayft.spec import JobSpec
 from rayft.spec.secrets import redact, redact_text
 
@@ -43,6 +45,15 @@ def wandb_dir(plan: RunPlan) -> str:
     if plan.run_dir.remote:
         return os.path.expanduser("~/.cache/rayft/wandb")
     return plan.run_dir.path
+
+
+def wandb_archive(plan: RunPlan) -> str | None:
+    """Where an offline run's files are copied when it finishes, when wandb could not write them
+    into the run directory itself (object storage): `<run>/wandb/`, so that they outlive the node
+    the tracker ran on and `wandb sync` can find them beside the checkpoints."""
+    if plan.spec.tracking.wandb.dir or not plan.run_dir.remote:
+        return None
+    return f"{plan.run_dir.path}/wandb"
 
 
 def run_id(run_dir: str, trial: str | None) -> str:
@@ -86,13 +97,16 @@ class Tracker:
 
     def __init__(self) -> None:
         self.runs: dict[str, Any] = {}
+        self.archives: dict[str, str] = {}  # key -> where its offline files go when it finishes
         # Training does not wait for `start`; a worker's log that overtakes it waits here.
         self.early: dict[str, list[tuple[dict[str, Any], int]]] = {}
 
-    def start(self, key: str, settings: dict[str, Any], secrets: Any = None) -> str:
+    def start(self, key: str, settings: dict[str, Any], secrets: Any = None, archive: str | None = None) -> str:
         import wandb
 
         adopt_secrets(secrets)  # WANDB_API_KEY, where this actor does not inherit it
+        if archive and settings.get("mode") == "offline":
+            self.archives[key] = archive
         if key not in self.runs:
             os.makedirs(settings["dir"], exist_ok=True)
             self.runs[key] = wandb.init(
@@ -122,6 +136,12 @@ class Tracker:
             return None
         location = self._location(run)
         run.finish(exit_code=exit_code)
+        archive = self.archives.pop(key, None)
+        if archive:  # the offline run directory (offline-run-<time>-<id>/), with its .wandb file
+            local = os.path.dirname(run.dir.rstrip("/"))
+            target = f"{archive}/{os.path.basename(local)}"
+            storage.upload_dir(local, target)
+            location = f"{target}/files"
         return location
 
     def finish_all(self, status_by_trial: dict[str, str], default: str) -> list[str]:
@@ -150,4 +170,4 @@ def start_tracker(spec: JobSpec, tracker: Any | None = None) -> Any | None:
         return None
     if tracker is not None:
         return tracker
-    return TrackerActor.options(runtime_env=runtime_env(spec, Target.TRACKER)).remote()
+    return TrackerActor.options(runtime_env=runtime_env(spec, Target.TRACKER), **on_this_node()).remote()
