@@ -245,7 +245,7 @@ def _source_counts(
     out = []
     for index, (split, source) in enumerate(sources):
         paths = entry.files[index]
-        counts = [by_file.get((index, n), {}) for n in range(len(paths))]
+        counts = [{k: v for k, v in by_file.get((index, n), {}).items() if v} for n in range(len(paths))]
         summed: dict[str, int] = {}
         for one in counts:
             for key, value in one.items():
