@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from rayft.data.formats import to_sample
-from rayft.data.stages import RecordEncoder
+from rayft.data.stages import RecordEncoder, Tally, sample_id
 from rayft.data.templates import ChatTemplate, check_template, resolve_template
-from rayft.data.tokenize import IGNORE, RecordError, control_tokens, render_sample, tokenize_rendered
+from rayft.data.tokenize import (
+    IGNORE,
+    RecordError,
+    control_tokens,
+    fit_system_turns,
+    render_sample,
+    tokenize_rendered,
+)
 from rayft.errors import DataError, SpecError
 from rayft.spec.schema import DataSpec
 
@@ -220,6 +226,10 @@ def test_real_templates_match_apply_chat_template(name: str, capsys) -> None:
     controls = control_tokens(tokenizer)
     row, mismatches = {}, 0
     for kind, sample in kinds_for(name).items():
+        # data.system_turns: auto, as prepare applies it before rendering: a template without a
+        # system role (Gemma) gets the system message folded into the first user turn, and the
+        # reference renders that folded conversation.
+        sample, folded = fit_system_turns(sample, template)
         try:
             rendered = render_sample(sample, template, controls=controls)
         except RecordError as exc:
@@ -238,6 +248,7 @@ def test_real_templates_match_apply_chat_template(name: str, capsys) -> None:
         bad = sum(g != w for g, w in zip(got, expected)) + abs(len(got) - len(expected))
         mismatches += bad
         row[kind] = f"{bad} mismatches" + (f", {len(got)} sequences" if len(got) > 1 else "")
+        row[kind] += f" ({folded.replace('_', ' ')})" if folded else ""
         assert all(e.n_trained for e in encoded)
     adversarial = json.loads(json.dumps(ADVERSARIAL).replace("{c0}", template.end_of_turn().strip()))
     adversarial = json.loads(json.dumps(adversarial).replace("{c1}", controls[-1]))
@@ -396,11 +407,11 @@ def test_records_a_template_cannot_render_are_named_and_counted(tiny_tokenizer) 
     rows = [{"kind": "chat", "where": f"data/train.jsonl:{n + 1}"} for n in range(len(records))]
     for on_error in ("raise", "skip"):  # both count and name; prepare then stops (raise) or goes on (skip)
         data = DataSpec(train=[{"path": "x.jsonl"}], on_error=on_error)
-        counts: Counter = Counter()
+        counts = Tally()
         errors: list[str] = []
         out = RecordEncoder(data, template, qwen).encode(rows, records, counts, errors)
         assert [index for index, _ in out] == [1]
-        assert counts == {"rejected:template_error": 1, "rejected:nothing_trained": 1}
+        assert counts.totals() == {"rejected:template_error": 1, "rejected:nothing_trained": 1}
         assert (
             errors[0].startswith("data/train.jsonl:1: ") and "UndefinedError: list object has no element 0" in errors[0]
         )
@@ -413,3 +424,229 @@ def test_preflight_verdict_counts_by_reason_with_examples() -> None:
     message = _rejected({"template_error": 2, "control_tokens": 1}, ["a.jsonl:4: boom", "a.jsonl:9: bang"])
     assert "3 record(s)" in message and "control_tokens=1, template_error=2" in message
     assert "a.jsonl:4: boom" in message and "data.on_error: skip" in message
+
+
+def test_rejections_are_counted_per_source_file_and_once_per_record() -> None:
+    """The encoder counts each rejection under the file its record came from (its sample id),
+    once per record however many copies a source weight makes; stats.json lists every file of a
+    source, and prepare's summary names the files records were dropped from, with the reasons."""
+    from rayft.data.cache import CacheEntry
+    from rayft.data.prepare import _describe, _rejected, _source_counts
+    from rayft.data.stages import Ledger
+    from rayft.spec import load_spec
+
+    qwen = model_tokenizer("qwen2_5")
+    template = resolve_template("tokenizer", qwen)
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    bad = {"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "again"}]}
+    # source 0 has two files (a glob); source 1 is weighted 2.0: its records come twice (copies 0 and 1)
+    placed = [((0, 0, 0, 0), good), ((0, 0, 1, 0), bad), ((0, 1, 0, 0), bad), ((1, 0, 0, 0), bad), ((1, 0, 0, 1), bad)]
+    rows = [
+        {
+            "kind": "chat",
+            "where": f"f{source}-{file}.jsonl:{index + 1}",
+            "sample_id": sample_id(source, file, index, copy),
+        }
+        for (source, file, index, copy), _ in placed
+    ]
+    counts, errors = Tally(), []
+    out = RecordEncoder(DataSpec(train=[{"path": "x"}]), template, qwen).encode(
+        rows, [sample for _, sample in placed], counts, errors
+    )
+    assert [index for index, _ in out] == [0]
+    assert counts.files == {
+        (0, 0): {"rejected:nothing_trained": 1},
+        (0, 1): {"rejected:nothing_trained": 1},
+        (1, 0): {"rejected:nothing_trained": 1},
+    }
+    assert len(errors) == 3  # the second copy is neither counted nor shown again
+
+    ledger = Ledger()  # what the read tasks and the encoders report, summed as the actor sums it
+    ledger.add({(0, 0): {"records": 2, "kept": 2}, (0, 1): {"records": 2, "kept": 1, "malformed": 1}})
+    ledger.add({(1, 0): {"records": 1, "kept": 1}})
+    ledger.add({key: dict(c) for key, c in counts.files.items()}, errors)
+    summary = ledger.summary()
+    spec = load_spec(
+        data={"model": {"path": "m"}, "data": {"train": ["shards/*.jsonl", {"path": "b.jsonl", "weight": 2.0}]}}
+    )
+    entry = CacheEntry("root", "key", [["shards/a.jsonl", "shards/b.jsonl"], ["b.jsonl"]], template)
+    sources = _source_counts(spec, entry, summary["files"])
+    assert sources[0] == {
+        "path": "shards/*.jsonl",
+        "split": "train",
+        "files": 2,
+        "records": 4,
+        "kept": 3,
+        "malformed": 1,
+        "rejected:nothing_trained": 2,
+        "by_file": [
+            {"file": "shards/a.jsonl", "records": 2, "kept": 2, "rejected:nothing_trained": 1},
+            {"file": "shards/b.jsonl", "records": 2, "kept": 1, "malformed": 1, "rejected:nothing_trained": 1},
+        ],
+    }
+    assert sources[1]["by_file"] == [{"file": "b.jsonl", "records": 1, "kept": 1, "rejected:nothing_trained": 1}]
+    split = {"samples": 1, "rows": 1, "tokens": 9, "trained_fraction": 0.5, "length": {}, "fill": 0.1}
+    stats = {
+        "counts": summary["counts"],
+        "sources": sources,
+        "splits": {"train": split, "eval": {**split, "samples": 0}},
+        "seconds": 1.0,
+        "packing": False,
+        "max_length": 64,
+    }
+    lines = _describe(stats, spec, entry).splitlines()
+    assert lines[1:] == [
+        "data: dropped malformed=1, rejected:nothing_trained=3",
+        "data: dropped by source file:",
+        "data:   shards/a.jsonl: 1 of 2 record(s) (rejected:nothing_trained=1)",
+        "data:   shards/b.jsonl: 2 of 2 record(s) (malformed=1, rejected:nothing_trained=1)",
+        "data:   b.jsonl: 1 of 1 record(s) (rejected:nothing_trained=1)",
+    ]
+    # under on_error: raise, the verdict names the files too
+    by_file = {c["file"]: c for source in sources for c in source["by_file"]}
+    verdict = _rejected({"nothing_trained": 3}, errors, by_file)
+    assert (
+        "(nothing_trained=3; by file: shards/a.jsonl: nothing_trained=1; shards/b.jsonl: nothing_trained=1; "
+        "b.jsonl: nothing_trained=1)" in verdict
+    )
+
+
+# --------------------------------------------------------------- system messages without a system role
+def test_gemma_system_prompt_is_folded_into_the_first_user_turn_by_default() -> None:
+    """Gemma has no system role: data.system_turns auto folds the system message into the user
+    turn after it (system text, a blank line, the user text), before rendering, so the check
+    against apply_chat_template passes on what is trained; keep refuses, drop leaves it out."""
+    tokenizer = model_tokenizer("gemma")
+    template = resolve_template("tokenizer", tokenizer)
+    assert not template.supports_system
+    sample = KINDS["system prompt"]
+    folded, change = fit_system_turns(sample, template)
+    assert change == "system_folded" and folded["messages"][0] == {"role": "user", "content": "You are terse.\n\nHi"}
+    [rendered] = render_sample(folded, template)
+    assert (
+        rendered.text
+        == "<bos><start_of_turn>user\nYou are terse.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+    )
+    with pytest.raises(RecordError, match="has no system role.*data.system_turns: fold"):
+        render_sample(fit_system_turns(sample, template, "keep")[0], template)
+    dropped, change = fit_system_turns(sample, template, "drop")
+    assert change == "system_dropped" and [m["role"] for m in dropped["messages"]] == ["user", "assistant"]
+    assert fit_system_turns(sample, resolve_template("tokenizer", model_tokenizer("qwen2_5"))) == (sample, None)
+    late = {"messages": [*KINDS["multi-turn"]["messages"][:2], {"role": "system", "content": "Now be brief."}]}
+    late["messages"].append({"role": "assistant", "content": "Ok."})
+    with pytest.raises(RecordError, match="not followed by a user turn"):
+        fit_system_turns(late, template, "fold")
+    # Through the encoder, as prepare runs it: the folded record passes the fidelity check
+    # against transformers' apply_chat_template (which raises on the unfolded one), and is counted.
+    records = [json.loads(json.dumps(sample)), {"messages": KINDS["multi-turn"]["messages"]}]
+    rows = [{"kind": "chat", "where": f"d.jsonl:{n + 1}", "sample_id": sample_id(0, 0, n)} for n in range(2)]
+    for system_turns, used, counted in (
+        ("auto", [0, 1], {"system_folded": 1}),
+        ("keep", [1], {"rejected:template_error": 1}),
+    ):
+        counts = Tally()
+        data = DataSpec(train=[{"path": "d.jsonl"}], system_turns=system_turns)
+        out = RecordEncoder(data, template, tokenizer).encode(
+            rows, [json.loads(json.dumps(r)) for r in records], counts, []
+        )
+        assert [index for index, _ in out] == used and counts.totals() == counted
+    with pytest.raises(Exception, match="System role not supported"):
+        tokenizer.apply_chat_template(sample["messages"], tokenize=False)
+
+
+def test_prepare_says_once_how_many_system_messages_were_folded() -> None:
+    from rayft.data.cache import CacheEntry
+    from rayft.data.prepare import _describe
+    from rayft.spec import load_spec
+
+    template = resolve_template("tokenizer", model_tokenizer("gemma"))
+    spec = load_spec(data={"model": {"path": "m"}, "data": {"train": "d.jsonl"}})
+    split = {"samples": 12, "rows": 12, "tokens": 90, "trained_fraction": 0.5, "length": {}, "fill": 0.1}
+    stats = {
+        "counts": {"records": 12, "kept": 12, "system_folded": 12},
+        "sources": [],
+        "seconds": 1.0,
+        "splits": {"train": split, "eval": {**split, "samples": 0}},
+        "packing": False,
+        "max_length": 64,
+    }
+    lines = _describe(stats, spec, CacheEntry("root", "key", [["d.jsonl"]], template)).splitlines()
+    assert lines[1:] == [
+        "data: folded the system message into the user turn after it in 12 conversation(s): template 'tokenizer' "
+        "has no system role (data.system_turns: auto; keep refuses such records, drop leaves the system message out)"
+    ]
+
+
+# ----------------------------------------------------------------------------------- preview
+def test_preview_shows_tool_calls_results_and_reasoning_with_the_trained_parts_marked() -> None:
+    """`rayft data preview` on an agent record with Qwen3's real template: the tool schemas, the
+    call's name and arguments, the tool result and both reasoning traces are shown as rendered,
+    and the trained parts (marked where the output has no colour) are the replies with their
+    reasoning and tool calls (data.train_on's defaults), never the tool result."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from rayft.cli.preview import TRAINED_CLOSE, TRAINED_OPEN, show
+
+    tokenizer = model_tokenizer("qwen3")
+    template = resolve_template("tokenizer", tokenizer)
+    record = {
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "reasoning_content": "I should call the tool.",
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "content": "sunny, 21 °C", "tool_call_id": "c1"},
+            {"role": "assistant", "content": "It is sunny in Paris.", "reasoning_content": "The tool said sunny."},
+        ],
+    }
+    sample = to_sample(record, "messages", {}, None, "agent.jsonl", 1)
+    stats = {"splits": {"train": {}, "eval": {}}, "counts": {"records": 1, "kept": 1}}
+
+    def preview(console: Console, **train_on) -> str:
+        data = DataSpec(train=[{"path": "agent.jsonl"}], train_on=train_on or "all_assistant")
+        rows = [{"kind": "chat", "where": "agent.jsonl:1", "sample_id": 0}]
+        encoded = RecordEncoder(data, template, tokenizer).encode(rows, [json.loads(json.dumps(sample))], Tally(), [])
+        shown = [{"input_ids": e.input_ids, "labels": e.labels, "seq_lengths": [len(e.input_ids)]} for _, e in encoded]
+        show(console, tokenizer, shown, stats, "train")
+        return console.file.getvalue()
+
+    def trained(text: str) -> str:
+        return "\n".join(re.findall(f"{TRAINED_OPEN}(.*?){TRAINED_CLOSE}", text, re.DOTALL))
+
+    text = preview(Console(file=io.StringIO(), width=300))  # piped: no colour, trained text between marks
+    for shown in (
+        '"name": "get_weather"',
+        '"description": "Weather in a city"',
+        "sunny, 21 °C",
+        "I should call the tool.",
+        "The tool said sunny.",
+    ):
+        assert shown in text, shown
+    assert f"legend: {TRAINED_OPEN}trained{TRAINED_CLOSE}" in text
+    marked = trained(text)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in marked
+    assert "<think>\nI should call the tool.\n</think>" in marked and "The tool said sunny." in marked
+    assert "It is sunny in Paris.<|im_end|>" in marked
+    assert "sunny, 21 °C" not in marked and "Weather in Paris?" not in marked and "Weather in a city" not in marked
+    # train_on.reasoning: false -> the reasoning is shown, as context; tool_calls: false -> so is the call
+    marked = trained(preview(Console(file=io.StringIO(), width=300), reasoning=False))
+    assert "I should call the tool." not in marked and "The tool said sunny." not in marked
+    assert "get_weather" in marked and "It is sunny in Paris." in marked
+    text = preview(Console(file=io.StringIO(), width=300), tool_calls=False)
+    assert "get_weather" in text and "get_weather" not in trained(text) and "It is sunny in Paris." in trained(text)
+    # on a terminal the trained text is bold green instead, without marks
+    text = preview(Console(file=io.StringIO(), width=300, force_terminal=True, color_system="truecolor"))
+    assert TRAINED_OPEN not in text and "\x1b[1;32m" in text and "sunny, 21 °C" in text

@@ -403,7 +403,9 @@ def test_run_model_cards_say_how_the_model_was_made(
         {"path": str(chat_data["train"]), "split": "train", "files": 1, "records": 70, "kept": 64, "duplicate": 6},
         {"path": str(chat_data["eval"]), "split": "eval", "files": 1, "records": 16, "kept": 16},
     ]
-    counts = {"records": 86, "kept": 80, "duplicate": 6}
+    # per-file counts and counts of records kept but changed are not drops
+    sources[0] |= {"truncated": 3, "by_file": [{"file": str(chat_data["train"]), **sources[0]}]}
+    counts = {"records": 86, "kept": 80, "duplicate": 6, "truncated": 3, "system_folded": 2}
     (prepared / "stats.json").write_text(json.dumps({"sources": sources, "counts": counts, "splits": {}}))
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "prepared": str(prepared)}))
@@ -417,7 +419,7 @@ def test_run_model_cards_say_how_the_model_was_made(
     assert "AutoPeftModelForCausalLM" in text and "r=4, alpha=8" in text
     train_row = next(line for line in text.splitlines() if str(chat_data["train"]) in line and "| train |" in line)
     assert "| 70 | 64 | duplicate 6 |" in train_row
-    assert "86 records read, 80 kept; dropped: duplicate 6" in text
+    assert "86 records read, 80 kept; dropped: duplicate 6." in text
     assert_secret_nowhere(secret, run / "model")
 
 

@@ -337,3 +337,55 @@ def test_records_the_template_cannot_train_stop_the_job_or_are_skipped(ray_clust
     counts = prepared.stats["counts"]
     assert counts["rejected:template_error"] == 1
     assert prepared.stats["splits"]["train"]["samples"] == 2
+
+
+def test_drops_are_counted_by_source_file_and_reason(ray_cluster, tiny_llama, tmp_path) -> None:
+    """With several sources (one a glob of two files, one weighted 2.0) and data.on_error: skip,
+    stats.json and prepare's summary give the drops of each file by reason, as read (malformed,
+    filters) and as rendered (the template's rejections), a weighted record counted once."""
+    strict = tmp_path / "strict.jinja"  # refuses a conversation that opens with an assistant turn
+    strict.write_text(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must start with user') }}{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+    def chat(n: int, first: str = "user", reply: str = "Hello there.") -> dict:
+        other = "assistant" if first == "user" else "user"
+        return {"messages": [{"role": first, "content": f"Hi {n}"}, {"role": other, "content": reply}]}
+
+    part0 = write_jsonl(tmp_path / "shards" / "part-0.jsonl", [chat(0), chat(1, first="assistant"), chat(2)])
+    part1 = write_jsonl(tmp_path / "shards" / "part-1.jsonl", [chat(3), '{"messages": '])
+    other = write_jsonl(tmp_path / "other.jsonl", [chat(4), chat(5, first="assistant"), chat(6, reply="  ")])
+    spec = {
+        "train": [str(tmp_path / "shards" / "*.jsonl"), {"path": str(other), "weight": 2.0}],
+        "eval_fraction": 0.0,
+        "template": str(strict),
+        "on_error": "skip",
+    }
+    messages: list[str] = []
+    _, prepared = prepare(tiny_llama, tmp_path / "runs", spec, log=messages.append)
+    stats = prepared.stats
+    assert stats["counts"]["rejected:template_error"] == 2  # other.jsonl's bad record twice over, counted once
+    assert stats["splits"]["train"]["samples"] == 2 + 1 + 2
+    shards, weighted = stats["sources"]
+    assert shards["files"] == 2 and (shards["records"], shards["malformed"], shards["rejected:template_error"]) == (
+        5,
+        1,
+        1,
+    )
+    assert [{k: v for k, v in f.items() if k != "kept"} for f in shards["by_file"]] == [
+        {"file": str(part0), "records": 3, "rejected:template_error": 1},
+        {"file": str(part1), "records": 2, "malformed": 1},
+    ]
+    assert weighted["by_file"] == [
+        {"file": str(other), "records": 3, "kept": 2, "empty_reply": 1, "rejected:template_error": 1}
+    ]
+    summary = "\n".join(messages).splitlines()
+    at = summary.index("data: dropped by source file:")
+    assert summary[at - 1] == "data: dropped empty_reply=1, malformed=1, rejected:template_error=2"
+    assert summary[at + 1 : at + 4] == [
+        f"data:   {part0}: 1 of 3 record(s) (rejected:template_error=1)",
+        f"data:   {part1}: 1 of 2 record(s) (malformed=1)",
+        f"data:   {other}: 2 of 3 record(s) (empty_reply=1, rejected:template_error=1)",
+    ]

@@ -18,12 +18,14 @@ from typing import Any
 from rayft import storage
 from rayft.data import stages
 from rayft.data.cache import CacheEntry, locate
-from rayft.data.prepared import STATS_FILE, Prepared
+from rayft.data.prepared import STATS_FILE, Prepared, dropped
 from rayft.data.sources import plan_chunks
 from rayft.env import Target, runtime_env, share_secrets
 from rayft.errors import DataError, user_error_in
 from rayft.nodes import on_this_node
 from rayft.spec import JobSpec
+
+SHOWN_FILES = 10  # files named in the summary's drops by file (stats.json has them all)
 
 
 def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False, log: Callable[[str], None] = print) -> Prepared:
@@ -76,7 +78,7 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False, log: Callable
             raise
         raise (user_error_in(exc) or exc) from None
     ray.kill(ledger)
-    log(_describe(stats))
+    log(_describe(stats, spec, entry))
     return Prepared(entry.root, entry.key, stats, stats["template"])
 
 
@@ -192,14 +194,16 @@ def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, secon
         totals[split] = _length_stats(table, spec.data.max_length)
     rejected = {k.split(":", 1)[1]: v for k, v in summary["counts"].items() if k.startswith("rejected:") and v}
     if rejected and spec.data.on_error == "raise":
-        raise DataError(_rejected(rejected, summary["errors"]))
+        counted = _source_counts(spec, entry, summary.get("files", {}))
+        by_file = {c["file"]: c for source in counted for c in source["by_file"]}
+        raise DataError(_rejected(rejected, summary["errors"], by_file if len(by_file) > 1 else None))
     if totals["train"]["rows"] == 0:
         raise DataError(_nothing_left(spec, entry, summary))
     stats = {
         "key": entry.key,
         "seconds": round(seconds, 2),
         "counts": summary["counts"],
-        "sources": _source_counts(spec, entry, summary.get("sources", {})),
+        "sources": _source_counts(spec, entry, summary.get("files", {})),
         "skipped_examples": summary["errors"],
         "splits": totals,
         "files": files,
@@ -214,25 +218,42 @@ def _finish(staging: str, entry: CacheEntry, spec: JobSpec, summary: dict, secon
     return stats
 
 
-def _rejected(rejected: dict[str, int], examples: list[str]) -> str:
-    """The pre-flight's verdict: counts by reason, and examples with their file:line."""
+def _rejected(rejected: dict[str, int], examples: list[str], by_file: dict[str, dict[str, int]] | None = None) -> str:
+    """The pre-flight's verdict: counts by reason (and by source file, when given), and examples
+    with their file:line."""
     total = sum(rejected.values())
     reasons = ", ".join(f"{reason}={count:,}" for reason, count in sorted(rejected.items()))
+    files = [
+        f"{file}: " + ", ".join(f"{k.split(':', 1)[1]}={v:,}" for k, v in sorted(hits.items()))
+        for file, counts in (by_file or {}).items()
+        if (hits := {k: v for k, v in counts.items() if k.startswith("rejected:") and v})
+    ]
+    where = ("; by file: " + "; ".join(files[:SHOWN_FILES])) if files else ""
     shown = "\n  ".join(examples[:5])
     return (
-        f"{total:,} record(s) cannot be trained as the chat template renders them for inference ({reasons}); "
+        f"{total:,} record(s) cannot be trained as the chat template renders them for inference ({reasons}{where}); "
         f"nothing was trained. Fix them, or set data.on_error: skip to drop and count them. Examples:\n  {shown}"
     )
 
 
-def _source_counts(spec: JobSpec, entry: CacheEntry, by_source: dict[int, dict[str, int]]) -> list[dict[str, Any]]:
-    """Records read, kept and dropped per source (train sources first, then eval ones), for the
-    model card's data section."""
+def _source_counts(
+    spec: JobSpec, entry: CacheEntry, by_file: dict[tuple[int, int], dict[str, int]]
+) -> list[dict[str, Any]]:
+    """Records read, kept and dropped (by reason) per source, train sources first, then eval
+    ones (the model card's data section), and the same for each file of the source
+    (`by_file`, in the order the source expands to)."""
     sources = [("train", s) for s in spec.data.train] + [("eval", s) for s in spec.data.eval or []]
-    return [
-        {"path": source.path, "split": split, "files": len(entry.files[index]), **by_source.get(index, {})}
-        for index, (split, source) in enumerate(sources)
-    ]
+    out = []
+    for index, (split, source) in enumerate(sources):
+        paths = entry.files[index]
+        counts = [{k: v for k, v in by_file.get((index, n), {}).items() if v} for n in range(len(paths))]
+        summed: dict[str, int] = {}
+        for one in counts:
+            for key, value in one.items():
+                summed[key] = summed.get(key, 0) + value
+        files = [{"file": path, **one} for path, one in zip(paths, counts)]
+        out.append({"path": source.path, "split": split, "files": len(paths), **summed, "by_file": files})
+    return out
 
 
 def _nothing_left(spec: JobSpec, entry: CacheEntry, summary: dict[str, Any]) -> str:
@@ -241,9 +262,9 @@ def _nothing_left(spec: JobSpec, entry: CacheEntry, summary: dict[str, Any]) -> 
     files = [f for group in entry.files[: len(spec.data.train)] for f in group]
     shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     records = counts.get("records", 0)
-    dropped = ", ".join(f"{k}={v:,}" for k, v in sorted(counts.items()) if k not in ("records", "kept") and v)
+    reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(dropped(counts).items()))
     message = f"no training samples left: {records:,} record(s) read from {shown}" + (
-        f"; dropped {dropped}" if dropped else ""
+        f"; dropped {reasons}" if reasons else ""
     )
     if records == 0:
         return message + ": the files hold no records"
@@ -313,9 +334,11 @@ class _Progress:
                 self.log(f"data: {last:,} records read, {counts.get('kept', 0):,} kept")
 
 
-def _describe(stats: dict[str, Any]) -> str:
+def _describe(stats: dict[str, Any], spec: JobSpec, entry: CacheEntry) -> str:
+    """The summary prepare prints: what was read and made, drops by reason (and by source file
+    when there are several), and what was changed in records that were kept."""
     counts, train, evals = stats["counts"], stats["splits"]["train"], stats["splits"]["eval"]
-    dropped = {k: v for k, v in counts.items() if k not in ("records", "kept") and v}
+    reasons = dropped(counts)
     lines = [
         f"data: {counts.get('records', 0):,} records -> {train['samples']:,} train / {evals['samples']:,} eval "
         f"samples in {stats['seconds']:.1f}s; {train['tokens']:,} train tokens, "
@@ -323,6 +346,45 @@ def _describe(stats: dict[str, Any]) -> str:
     ]
     if stats["packing"]:
         lines.append(f"data: packed into {train['rows']:,} rows of {stats['max_length']}, {train['fill']:.1%} full")
-    if dropped:
-        lines.append("data: dropped " + ", ".join(f"{k}={v:,}" for k, v in sorted(dropped.items())))
+    if reasons:
+        lines.append("data: dropped " + ", ".join(f"{k}={v:,}" for k, v in sorted(reasons.items())))
+        lines.extend(_drops_by_file(stats.get("sources", [])))
+    if counts.get("truncated"):
+        lines.append(
+            f"data: truncated {counts['truncated']:,} sample(s) to data.max_length={spec.data.max_length} "
+            f"(data.truncation: {spec.data.truncation})"
+        )
+    for key, done in (
+        ("system_folded", "folded the system message into the user turn after it"),
+        ("system_dropped", "left out the system message(s)"),
+    ):
+        if counts.get(key):
+            name = entry.template.name if entry.template else spec.data.template
+            why = (
+                f"template {name!r} has no system role (data.system_turns: auto; keep refuses such records, "
+                "drop leaves the system message out)"
+                if spec.data.system_turns == "auto"
+                else f"data.system_turns: {spec.data.system_turns}"
+            )
+            lines.append(f"data: {done} in {counts[key]:,} conversation(s): {why}")
     return "\n".join(lines)
+
+
+def _drops_by_file(sources: list[dict[str, Any]]) -> list[str]:
+    """Lines naming the files records were dropped from, with how many and why, when the
+    sources hold more than one file."""
+    files = [counts for source in sources for counts in source.get("by_file", [])]
+    if len(files) < 2:
+        return []
+    hit = [(counts, dropped(counts)) for counts in files if dropped(counts)]
+    lines = ["data: dropped by source file:"]
+    for counts, reasons in hit[:SHOWN_FILES]:
+        lines.append(
+            f"data:   {counts['file']}: {sum(reasons.values()):,} of {counts.get('records', 0):,} record(s) "
+            f"({', '.join(f'{k}={v:,}' for k, v in sorted(reasons.items()))})"
+        )
+    if len(hit) > SHOWN_FILES:
+        lines.append(f"data:   and {len(hit) - SHOWN_FILES:,} more file(s) with drops (stats.json: sources[].by_file)")
+    if len(hit) < len(files):
+        lines.append(f"data:   none dropped from the other {len(files) - len(hit):,} file(s)")
+    return lines

@@ -18,6 +18,16 @@ from rayft.errors import DataError
 STATS_FILE = "stats.json"  # written last: a prepared directory without it is incomplete
 TOKEN_COLUMNS = ["input_ids", "labels", "seq_lengths", "sample_ids"]
 LOCAL_CACHE = os.path.expanduser("~/.cache/rayft/prepared")
+# Counts in stats.json of records that were used, changed: every other count but records and kept
+# (and a source's number of files) is a reason records were dropped.
+KEPT_CHANGED = ("truncated", "system_folded", "system_dropped")
+NOT_DROPPED = ("records", "kept", "files", *KEPT_CHANGED)
+
+
+def dropped(counts: dict[str, Any]) -> dict[str, int]:
+    """The drop reasons among a stats.json count dict (totals, a source's or a file's) with their
+    non-zero counts."""
+    return {key: value for key, value in counts.items() if isinstance(value, int) and value and key not in NOT_DROPPED}
 
 
 @dataclass(frozen=True)

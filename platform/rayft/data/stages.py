@@ -3,7 +3,8 @@
 read (SampleSource) -> normalize + filter + dedup + split (inside the read tasks, so each record
 is parsed once and keeps its file:line) -> tokenize + mask + truncate (Encoder actors, one
 tokenizer each) -> pack (pack_rows) -> parquet. Counts of everything dropped go to one
-`Ledger` actor, which also holds the hashes for de-duplication across all tasks.
+`Ledger` actor, per source file and reason, which also holds the hashes for de-duplication
+across all tasks.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from rayft.data.tokenize import (
     Rendered,
     control_tokens,
     encode_texts,
+    fit_system_turns,
     render_sample,
     tokenize_rendered,
     truncate,
@@ -78,13 +80,49 @@ def sample_id(source: int, file: int, index: int, copy: int = 0) -> int:
     return (source << 56) | (file << 40) | (copy << 36) | index
 
 
+def sample_origin(sample: int) -> tuple[int, int, int]:
+    """(source, file, copy) of a sample id (sample_id's inverse, less the record index)."""
+    return sample >> 56, (sample >> 40) & 0xFFFF, (sample >> 36) & 0xF
+
+
+FileKey = tuple[int, int]  # (source index, file index within the source)
+
+
+class Tally:
+    """Counts by reason, per source file of the record each is about (read from its sample id).
+    A record that a source weight copies is counted once (its first copy): the copies are the
+    same record and meet the same fate."""
+
+    def __init__(self) -> None:
+        self.files: dict[FileKey, Counter[str]] = {}
+
+    def add(self, row: dict[str, Any], reason: str) -> bool:
+        """Count `reason` for the row's record; False for a further copy (not counted)."""
+        sample = row.get("sample_id")
+        source, file, copy = sample_origin(sample) if sample is not None else (0, 0, 0)
+        if copy:
+            return False
+        self.files.setdefault((source, file), Counter())[reason] += 1
+        return True
+
+    def totals(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for counts in self.files.values():
+            out.update(counts)
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.files)
+
+
 class Ledger:
-    """Counts per drop reason (in all and per source, for the model card), examples of skipped
-    records, and seen-hashes for dedup."""
+    """Counts per reason, in all and per source file (the prepare summary, stats.json and the
+    model card name the file a record was dropped from), examples of skipped records, and
+    seen-hashes for dedup."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
-        self.by_source: dict[int, Counter[str]] = {}
+        self.by_file: dict[FileKey, Counter[str]] = {}
         self.errors: list[str] = []
         self.seen: set[int] = set()
 
@@ -95,18 +133,23 @@ class Ledger:
             self.seen.add(value)
         return fresh
 
-    def add(self, counts: dict[str, int], errors: tuple[str, ...] | list[str] = (), source: int | None = None) -> None:
-        self.counts.update(counts)
-        if source is not None:
-            self.by_source.setdefault(source, Counter()).update(counts)
+    def add(self, by_file: dict[FileKey, dict[str, int]], errors: tuple[str, ...] | list[str] = ()) -> None:
+        for key, counts in by_file.items():
+            self.counts.update(counts)
+            self.by_file.setdefault(key, Counter()).update(counts)
         room = MAX_ERRORS_KEPT - len(self.errors)
         self.errors.extend(list(errors)[: max(room, 0)])
 
     def summary(self) -> dict[str, Any]:
+        """counts: in all; files: per (source, file); sources: per source, its files summed."""
+        sources: dict[int, Counter[str]] = {}
+        for (source, _), counts in self.by_file.items():
+            sources.setdefault(source, Counter()).update(counts)
         return {
             "counts": dict(self.counts),
             "errors": list(self.errors),
-            "sources": {index: dict(counts) for index, counts in sorted(self.by_source.items())},
+            "files": {key: dict(counts) for key, counts in sorted(self.by_file.items())},
+            "sources": {index: dict(counts) for index, counts in sorted(sources.items())},
         }
 
 
@@ -190,18 +233,18 @@ class SampleSource(Datasource):
             kind = "text" if "text" in sample else "chat"
             rows.append((key, split, kind, json.dumps(sample, ensure_ascii=False), f"{chunk.path}:{line}"))
             if len(rows) >= BLOCK_ROWS:
-                yield self._block(rows, counts, errors, chunk.source)
+                yield self._block(rows, counts, errors, chunk)
                 rows, counts, errors = [], Counter(), []
-        yield self._block(rows, counts, errors, chunk.source)
+        yield self._block(rows, counts, errors, chunk)
 
     def _block(
         self,
         rows: list[tuple[tuple[int, int, int], str, str, str, str]],
         counts: Counter,
         errors: list[str],
-        source: int,
+        chunk: Chunk,
     ) -> pa.Table:
-        options, filters = self.sources[source], self.data.filters
+        options, filters = self.sources[chunk.source], self.data.filters
         if rows and (filters.dedup or filters.near_dedup):
             samples = [json.loads(row[3]) for row in rows]
             keep: np.ndarray = np.ones(len(rows), dtype=bool)
@@ -225,7 +268,7 @@ class SampleSource(Datasource):
                 out["payload"].append(payload)
                 out["where"].append(where)
         counts["kept"] += len(rows)
-        ray.get(self.ledger.add.remote(dict(counts), errors, source))
+        ray.get(self.ledger.add.remote({(chunk.source, chunk.file): dict(counts)}, errors))
         return pa.table(out, schema=SAMPLES_SCHEMA)
 
 
@@ -262,24 +305,24 @@ class Encoder:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         samples = [json.loads(row["payload"]) for row in rows]
-        counts: Counter[str] = Counter()
+        counts = Tally()
         errors: list[str] = []
-        encoded = self.records.encode(rows, samples, counts, errors)
+        encoded = self.records.encode(rows, samples, counts, errors)  # samples: as rendered (system turns placed)
         out: dict[str, list] = {name: [] for name in TOKENS_SCHEMA.names}
         limit, data = self.data.filters.max_tokens, self.data
         for index, sample in encoded:
             row = rows[index]
             if limit and len(sample.input_ids) > limit:
-                counts["too_long"] += 1
+                counts.add(row, "too_long")
                 continue
             fitted = truncate(sample, data.max_length, data.truncation)
             if fitted is None:
-                counts["over_max_length"] += 1
+                counts.add(row, "over_max_length")
                 continue
             if fitted is not sample:
-                counts["truncated"] += 1
+                counts.add(row, "truncated")
             if fitted.n_trained == 0:
-                counts["no_trained_tokens"] += 1  # truncation cut every reply (the sample itself has some)
+                counts.add(row, "no_trained_tokens")  # truncation cut every reply (the sample itself has some)
                 continue
             out["split"].append(row["split"])
             out["input_ids"].append(fitted.input_ids)
@@ -291,7 +334,7 @@ class Encoder:
             is_eval_chat = row["split"] == "eval" and row["kind"] == "chat"
             out["messages"].append(json.dumps(samples[index]["messages"], ensure_ascii=False) if is_eval_chat else None)
         if counts or errors:
-            ray.get(self.ledger.add.remote(dict(counts), errors))
+            ray.get(self.ledger.add.remote({key: dict(c) for key, c in counts.files.items()}, errors))
         return pa.table(out, schema=TOKENS_SCHEMA)
 
 
@@ -305,24 +348,32 @@ class RecordEncoder:
         self.checker = FidelityCheck(template, tokenizer) if template is not None else None
 
     def encode(
-        self, rows: list[dict[str, Any]], samples: list[dict[str, Any]], counts: Counter, errors: list[str]
+        self, rows: list[dict[str, Any]], samples: list[dict[str, Any]], counts: Tally, errors: list[str]
     ) -> list[tuple[int, Encoded]]:
         """(row index, sequence) for every record that renders, tokenizes and passes the
-        fidelity check; the others counted and named."""
+        fidelity check; the others counted (per source file, from the row's sample id) and
+        named. A conversation whose system turns data.system_turns folds or drops replaces its
+        entry in `samples` (and is counted): what was rendered is what the check compares with
+        apply_chat_template, and what evaluation prompts with."""
         items: list[tuple[int, Rendered]] = []
         texts: list[int] = []
+        placed: dict[int, str] = {}  # row index -> what was done to its system turns
         for index, (row, sample) in enumerate(zip(rows, samples)):
             if row["kind"] == "text":
                 texts.append(index)
                 continue
             assert self.template is not None, "conversations are rendered with the job's chat template"
             try:
+                sample, change = fit_system_turns(sample, self.template, self.data.system_turns)
+                samples[index] = sample
                 rendered = render_sample(
                     sample, self.template, self.data.train_on, controls=self.controls, split_turns=self.data.split_turns
                 )
             except RecordError as exc:
                 self._reject(row, exc, counts, errors)
                 continue
+            if change:
+                placed[index] = change
             items.extend((index, item) for item in rendered)
         out: list[tuple[int, Encoded]] = []
         failed: set[int] = set()
@@ -340,6 +391,8 @@ class RecordEncoder:
                 out.append((index, result))
         # A record is used whole or not at all (a split conversation loses no turn silently).
         out = [(index, sample) for index, sample in out if index not in failed]
+        for index in sorted({index for index, _ in out} & set(placed)):
+            counts.add(rows[index], placed[index])
         if texts:
             raw = encode_texts(
                 [samples[i]["text"] for i in texts], self.tokenizer, allow_control_tokens=self.data.allow_control_tokens
@@ -360,9 +413,8 @@ class RecordEncoder:
                     results.append(exc)
             return results
 
-    def _reject(self, row: dict[str, Any], exc: RecordError, counts: Counter, errors: list[str]) -> None:
-        counts[f"rejected:{exc.reason}"] += 1
-        if len(errors) < MAX_ERRORS_KEPT:
+    def _reject(self, row: dict[str, Any], exc: RecordError, counts: Tally, errors: list[str]) -> None:
+        if counts.add(row, f"rejected:{exc.reason}") and len(errors) < MAX_ERRORS_KEPT:
             errors.append(f"{row.get('where') or 'record'}: {exc}")
 
 

@@ -39,6 +39,7 @@ from rayft.errors import DataError
 IGNORE = -100
 TrainOn = Literal["all_assistant", "last_assistant", "everything"]
 SplitTurns = Literal["auto", "always", "never"]
+SystemTurns = Literal["auto", "keep", "fold", "drop"]
 # Content characters that stand for a control string while a conversation is rendered: one code
 # point per control token, from Supplementary Private Use Area-A (never produced by tokenizers).
 _ESCAPE_BASE = 0xF0000
@@ -106,6 +107,48 @@ def control_tokens(tokenizer: Any) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------- rendering
+def fit_system_turns(
+    sample: dict[str, Any], template: ChatTemplate, policy: SystemTurns = "auto"
+) -> tuple[dict[str, Any], str | None]:
+    """The conversation with its system messages as data.system_turns places them, before it is
+    rendered (so masking and the check against apply_chat_template see what is trained), and
+    what was done ("system_folded", "system_dropped"; None when nothing changed).
+
+    fold: each system message goes into the user turn after it, its text, a blank line, then
+    the user's text (what Google documents for Gemma, which has no system role; several in a
+    row are joined the same way). drop: they are left out. keep, or auto under a template with a
+    system role: unchanged. auto under a template without one: fold."""
+    messages = sample.get("messages") or []
+    if policy == "auto":
+        policy = "keep" if template.supports_system else "fold"
+    if policy == "keep" or not any(m["role"] == "system" for m in messages):
+        return sample, None
+    if policy == "drop":
+        return {**sample, "messages": [m for m in messages if m["role"] != "system"]}, "system_dropped"
+    out: list[dict[str, Any]] = []
+    pending: list[str] = []
+    for message in messages:
+        if message["role"] == "system":
+            if message["content"].strip():
+                pending.append(message["content"])
+            continue
+        if pending and message["role"] == "user":
+            message = {**message, "content": "\n\n".join([*pending, message["content"]])}
+            pending = []
+        elif pending:
+            break  # a system message followed by another role: refused below
+        out.append(message)
+    if pending:
+        raise RecordError(
+            "template_error",
+            "a system message is not followed by a user turn to fold it into (data.system_turns folds each into "
+            f"the user turn after it; template {template.name!r} "
+            f"{'has' if template.supports_system else 'has no'} system role); set data.system_turns: drop to leave "
+            "it out" + (", or keep" if template.supports_system else ""),
+        )
+    return {**sample, "messages": out}, "system_folded"
+
+
 def render_sample(
     sample: dict[str, Any],
     template: ChatTemplate,
@@ -122,7 +165,8 @@ def render_sample(
         raise RecordError(
             "template_error",
             f"template {template.name!r} has no system role, but this conversation has a system turn "
-            "(or data.system_prompt adds one); choose another template or drop the system turns",
+            "(or data.system_prompt adds one); set data.system_turns: fold (into the user turn after it) or drop, "
+            "or choose another template",
         )
     escapes = _escapes(controls)
     if escapes:

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from rayft import __version__, storage
+from rayft.data.prepared import dropped as drop_reasons
 from rayft.data.prepared import read_stats
 from rayft.eval.report import Block, to_markdown
 from rayft.model.ollama import ollama_tag
@@ -308,7 +309,7 @@ def _data_blocks(spec: dict[str, Any], stats: dict[str, Any]) -> list[Block]:
         ("eval", s) for s in data.get("eval") or []
     ]:
         found = counted.get((split, source.get("path")), {})
-        dropped = {k: v for k, v in found.items() if k not in ("path", "split", "files", "records", "kept") and v}
+        dropped = drop_reasons(found)
         rows.append(
             [
                 f"`{source.get('path')}`",
@@ -347,7 +348,7 @@ def _data_blocks(spec: dict[str, Any], stats: dict[str, Any]) -> list[Block]:
         out.append(("table", ["split", "samples", "rows", "tokens", "trained tokens"], table))
     counts = stats.get("counts") or {}
     if counts:
-        dropped = {k: v for k, v in counts.items() if k not in ("records", "kept") and v}
+        dropped = drop_reasons(counts)
         out.append(
             (
                 "p",

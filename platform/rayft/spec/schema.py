@@ -251,6 +251,14 @@ class DataSpec(Section):
     columns: dict[str, str] = Field(default_factory=dict)
     template: str = Field("auto", description="auto | tokenizer | chatml | llama3 | llama2 | plain | path to .jinja")
     system_prompt: str | None = None
+    system_turns: Literal["auto", "keep", "fold", "drop"] = Field(
+        "auto",
+        description="System messages under a template with no system role (Gemma): fold puts each into the user "
+        "turn after it (system text, a blank line, the user text), as Google documents for Gemma; drop leaves them "
+        "out; keep renders them as they are and refuses a record the template cannot render so. auto: keep when the "
+        "template has a system role, else fold (prepare says how many were folded). fold and drop apply whatever "
+        "the template.",
+    )
     train_on: TrainOnSpec = Field(default_factory=TrainOnSpec)
     max_length: int = Field(1024, ge=8)
     truncation: Literal["keep_start", "keep_end", "drop"] = "keep_start"
