@@ -294,7 +294,11 @@ def test_quickstart_renders_a_cpu_job_sized_by_the_spec(crd_validators: dict[str
             "app.kubernetes.io/managed-by": "rayft",
         }
     job = ray_job["spec"]
-    assert (job["submissionMode"], job["shutdownAfterJobFinishes"], job["backoffLimit"]) == ("K8sJobMode", True, 0)
+    assert (job["submissionMode"], job["shutdownAfterJobFinishes"], job["backoffLimit"]) == (
+        "K8sJobMode",
+        True,
+        3,
+    )  # run.max_failures
     assert job["ttlSecondsAfterFinished"] > 0
     assert job["rayClusterSpec"]["rayVersion"] == k8s.RAY_VERSION
 
