@@ -142,6 +142,49 @@ def stop_cluster(temp_dir: str) -> int:
     return len(family)
 
 
+# ------------------------------------------------------------------------ object storage
+BUCKET = "rayft-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """A local S3-compatible server (moto's standalone server on 127.0.0.1) with bucket BUCKET;
+    its endpoint and credentials in the environment, as on a real cluster."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+        "AWS_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        def bucket_created() -> bool:
+            try:
+                boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+                return True
+            except Exception:
+                return False
+
+        wait_for(bucket_created, what=f"moto_server on port {port} to create bucket {BUCKET}", timeout=60)
+        yield env
+    finally:
+        server.terminate()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 # --------------------------------------------------------------------------------- models
 def build_tokenizer(texts: list[str], vocab_size: int = 400) -> Any:
     """A byte-level BPE tokenizer trained on `texts` in a second, with ChatML special tokens."""

@@ -171,8 +171,8 @@ def train(
     job = _load(spec, overrides, profile)
     _connect(address, verbose)
     plan = plan_run(job, log=log, fresh=fresh)
-    _record_command(plan.run_dir)
     summary = fit(plan, log=log)
+    _record_command(plan.run_dir)  # after fit: --fresh clears the directory first, and refuses one it did not make
     print_summary(summary)
     if compare and job.eval.before_after:
         log(f"eval: held-out loss and answers to {job.eval.num_prompts} held-out prompts, base and tuned models")

@@ -144,10 +144,11 @@ class CheckpointReporter(RayTrainReportCallback):
 
 
 class PreemptionCheckpoint(TrainerCallback):
-    """A just-in-time checkpoint when a node of the group is being drained or preempted (`ray
-    drain-node`, a spot reclaim notice): after the step in progress, every worker saves, and the
-    checkpoint uploads before the node goes, so no completed step is lost. Ray then restarts the
-    group from it, on the nodes that remain, against run.max_preemptions.
+    """Just-in-time checkpoints while a node of the group is being drained or preempted (`ray
+    drain-node`, a spot reclaim notice): from the notice until the node goes, every worker saves
+    after every step, and each checkpoint uploads before the next step begins, so no completed
+    step is lost (at most the one whose checkpoint was being written). Ray then restarts the
+    group from the last one, on the nodes that remain, against run.max_preemptions.
 
     `ray.train.get_preemption_info()` is a barrier over the workers; it is asked once per optimizer
     step, on every rank (a few milliseconds against steps of seconds)."""
@@ -160,19 +161,21 @@ class PreemptionCheckpoint(TrainerCallback):
         import ray.train
 
         info = ray.train.get_preemption_info()
-        if info is None or frozenset(info.preempted_node_ids) <= self.saved_for:
+        if info is None:
             return
-        self.saved_for = frozenset(info.preempted_node_ids)
         control.should_save = True
         self.reporter.urgent = True
+        if frozenset(info.preempted_node_ids) <= self.saved_for:
+            return
+        self.saved_for = frozenset(info.preempted_node_ids)
         if self.rank == 0 and self.board is not None:
             nodes = ", ".join(node[:12] for node in info.preempted_node_ids)
             left = (
                 f", {max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s before it goes" if info.deadline_ms else ""
             )
             self.board.note.remote(
-                f"node {nodes} (ranks {info.preempted_ranks}) is being drained{left}: checkpoint at step "
-                f"{state.global_step}"
+                f"node {nodes} (ranks {info.preempted_ranks}) is being drained{left}: a checkpoint after every "
+                f"step from step {state.global_step} until it goes"
             )
 
 

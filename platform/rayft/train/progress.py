@@ -59,8 +59,9 @@ ProgressBoardActor = ray.remote(num_cpus=0)(ProgressBoard)
 
 def describe(state: dict[str, Any]) -> str:
     """One line: phase, step/total, losses, throughput, ETA."""
+    workers = f" on {state['workers']} worker(s)" if state.get("workers") else ""
     if state.get("phase") != "training" or "max_steps" not in state:
-        return f"train: {state.get('phase', 'starting workers')}..."
+        return f"train: {state.get('phase', 'starting workers')}{workers}..."
     parts = [f"step {state.get('step', 0)}/{state['max_steps']}"]
     if "epoch" in state:
         parts.append(f"epoch {state['epoch']:.2f}")
@@ -73,7 +74,7 @@ def describe(state: dict[str, Any]) -> str:
     if "eta_seconds" in state:
         parts.append(f"ETA {_duration(state['eta_seconds'])}")
     if state.get("resumed_from_step"):
-        parts.append(f"(resumed from step {state['resumed_from_step']})")
+        parts.append(f"(resumed from step {state['resumed_from_step']}{workers})")
     return "train: " + ", ".join(parts)
 
 
