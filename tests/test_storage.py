@@ -62,3 +62,48 @@ def test_training_on_s3_storage_and_resuming_from_it(
     again = run_cli("train", str(spec), "--no-compare", env=env)
     assert again.returncode == 0, again.stdout[-3000:]
     assert "resuming on-s3 from checkpoint_000004" in again.stdout and "reusing prepared data" in again.stdout
+
+
+def test_a_gguf_is_converted_once_per_cluster_and_other_nodes_download_it(
+    s3: dict[str, str], stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With object storage, the first node converts the GGUF and uploads it beside the runs; a
+    node without a local copy, whose GGUF is the same file at another path (installed there
+    separately), downloads it instead of converting. Named by content, not path or mtime."""
+    import shutil
+
+    from rayft import storage
+    from rayft.model import source
+    from rayft.model.gguf_export import write_gguf
+    from rayft.spec import load_spec
+
+    gguf = Path(write_gguf(stories260k, tmp_path / "here" / "stories.gguf", "f32", name="stories").path)
+    job = load_spec(
+        data={
+            "model": {"path": str(gguf)},
+            "data": {"train": "d.jsonl"},
+            "run": {"storage_path": f"s3://{BUCKET}/once", "name": "job"},
+        }
+    )
+    monkeypatch.setenv("HOME", str(tmp_path / "node-1"))  # each node's ~/.cache/rayft
+    converted = source.materialized_dir(job)
+    name = Path(converted).name
+    assert Path(converted, "config.json").is_file() and name.startswith("stories-")
+    assert storage.exists(f"s3://{BUCKET}/once/.models/{name}/{source.UPLOADED}")
+
+    elsewhere = tmp_path / "there" / "stories.gguf"
+    elsewhere.parent.mkdir()
+    shutil.copyfile(gguf, elsewhere)  # the same file, another path and mtime
+    monkeypatch.setenv("HOME", str(tmp_path / "node-2"))
+
+    def no_conversion(*args: Any) -> None:
+        raise AssertionError("converted again on a second node")
+
+    monkeypatch.setattr(source, "_convert_gguf", no_conversion)
+    downloaded = source.materialized_dir(
+        job.model_copy(update={"model": job.model.model_copy(update={"path": str(elsewhere)})})
+    )
+    assert Path(downloaded).name == name and str(tmp_path / "node-2") in downloaded
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(downloaded).config.vocab_size == 512
