@@ -379,6 +379,13 @@ def test_storage_option_names_the_pvc_and_namespace_lands_on_everything() -> Non
         assert {"name": "runs", "persistentVolumeClaim": {"claimName": "team-nfs"}} in spec["volumes"]
 
 
+def test_an_elastic_range_bounds_the_worker_group(crd_validators: dict[str, Any]) -> None:
+    _, job = rendered("scaling.num_workers=[1, 2]")
+    group = worker_group(job)
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 1, 2)
+    assert manifest_errors(job, crd_validators) == []
+
+
 def test_max_failures_becomes_the_job_retry_budget() -> None:
     assert rendered("run.max_failures=3")[1]["spec"]["backoffLimit"] == 3
     assert rendered("run.max_failures=-1")[1]["spec"]["backoffLimit"] == k8s.MAX_JOB_RETRIES

@@ -317,7 +317,7 @@ def _worker_group(scaling: ScalingSpec, pods: PodParts) -> dict[str, Any]:
         resources = _guaranteed({"cpu": str(cpus), "memory": f"{MEMORY_GIB_PER_CPU * cpus}Gi"})
         return {
             "groupName": "workers",
-            **_fixed_size(scaling.num_workers),
+            **_group_size(scaling),
             "rayStartParams": start_params,
             "template": pods.template("ray-worker", resources),
         }
@@ -335,7 +335,7 @@ def _worker_group(scaling: ScalingSpec, pods: PodParts) -> dict[str, Any]:
     placement["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
     return {
         "groupName": "gpu-workers",
-        **_fixed_size(scaling.num_workers),
+        **_group_size(scaling),
         "rayStartParams": start_params,
         "template": pods.template(
             "ray-worker",
@@ -353,9 +353,12 @@ def _guaranteed(resources: dict[str, str]) -> dict[str, dict[str, str]]:
     return {"requests": dict(resources), "limits": dict(resources)}
 
 
-def _fixed_size(workers: int) -> dict[str, int]:
-    """The spec's worker count, no autoscaling: Ray Train's placement group wants them all."""
-    return {"replicas": workers, "minReplicas": workers, "maxReplicas": workers}
+def _group_size(scaling: Any) -> dict[str, int]:
+    """One pod per worker. Fixed: the spec's count (Ray Train's placement group wants them all).
+    Elastic: asked for at the most, bounded by the range; KubeRay recreates a lost pod (a
+    preempted spot node), so the run shrinks while it is gone and grows back when it returns."""
+    low = scaling.min_workers if scaling.elastic else scaling.num_workers
+    return {"replicas": scaling.num_workers, "minReplicas": low, "maxReplicas": scaling.num_workers}
 
 
 def gpu_product(accelerator_type: str) -> str:
