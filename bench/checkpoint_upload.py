@@ -1,0 +1,168 @@
+"""Step time while a checkpoint uploads, against a step without one: asynchronous uploads (rayft's
+default) against synchronous ones (RAYFT_TEST_SYNC_UPLOAD, as before), in one sitting.
+
+    python bench/checkpoint_upload.py [--layers 6]
+
+The job: a full fine-tune (weights and Adam states in every checkpoint) of a Llama built from a
+config with stories260K's tokenizer, one worker with 2 threads on an embedded local Ray, storage on
+a local S3-compatible server (moto), a checkpoint every 3 steps. From the run's metrics.jsonl
+(one line per step): the time of each step that ends with a checkpoint (save + upload, or save
+and hand-off) against the median of the others. Recorded in bench/results/checkpoint_upload.*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
+
+SAVE_EVERY, STEPS = 3, 13
+BUCKET = "bench-ckpt"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_model(directory: Path, layers: int) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO.parent / "shared" / "models" / "stories260K")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def run(spec: Path, env: dict[str, str], name: str) -> dict[str, float]:
+    started = time.time()
+    done = subprocess.run(
+        [RAYFT, "train", str(spec), "--no-compare", "--fresh", f"run.name={name}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    if done.returncode != 0:
+        raise SystemExit(done.stdout[-3000:] + done.stderr[-2000:])
+    from rayft import storage
+
+    lines = [json.loads(x) for x in (storage.read_text(f"s3://{BUCKET}/{name}/metrics.jsonl") or "").splitlines() if x]
+    times = {line["step"]: line["time"] for line in lines if "loss" in line}
+    steps = sorted(times)
+    durations = {s: times[s] - times[p] for p, s in zip(steps, steps[1:], strict=False)}
+    # a checkpoint is written after step s's log: it lands in the duration of step s + 1
+    with_checkpoint = [d for s, d in durations.items() if (s - 1) % SAVE_EVERY == 0 and s - 1 > 0]
+    without = [d for s, d in durations.items() if (s - 1) % SAVE_EVERY != 0]
+    return {
+        "step_s_without_checkpoint": round(statistics.median(without), 3),
+        "step_s_with_checkpoint": round(statistics.median(with_checkpoint), 3),
+        "wall_s": round(time.time() - started, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=6)
+    args = parser.parse_args()
+    WORK.mkdir(exist_ok=True)
+    model = build_model(WORK / "ckpt-model", args.layers)
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    aws = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench-secret",
+        "AWS_REGION": "us-east-1",
+    }
+    os.environ.update(aws)
+    try:
+        import boto3
+
+        for _ in range(60):
+            try:
+                boto3.client("s3").create_bucket(Bucket=BUCKET)
+                break
+            except Exception:
+                time.sleep(0.5)
+        spec = WORK / "ckpt.yaml"
+        spec.write_text(
+            yaml.safe_dump(
+                {
+                    "model": {"path": str(model)},
+                    "method": {"kind": "full"},
+                    "data": {"train": str(REPO / "data" / "quickstart" / "train.jsonl"), "template": "chatml"},
+                    "train": {
+                        "global_batch_size": 4,
+                        "micro_batch_size": 4,
+                        "max_steps": STEPS,
+                        "save_every": SAVE_EVERY,
+                        "log_every": 1,
+                    },
+                    "scaling": {"num_workers": 1, "cpus_per_worker": 2},
+                    "run": {"storage_path": f"s3://{BUCKET}", "checkpoint_metric": None},
+                    "eval": {"before_after": False},
+                }
+            )
+        )
+        from safetensors.torch import load_file
+
+        params = sum(p.numel() for p in load_file(model / "model.safetensors").values())
+        results = {
+            "model_parameters": params,
+            "checkpoint_mb_approx": round(params * 12 / 2**20),  # fp32 weights + two Adam moments
+            "async": run(spec, {**cli_env(), **aws}, "async"),
+            "sync": run(spec, {**cli_env(), **aws, "RAYFT_TEST_SYNC_UPLOAD": "1"}, "sync"),
+        }
+    finally:
+        server.terminate()
+    a, s = results["async"], results["sync"]
+    results["ratio_async_checkpoint_step_to_plain_step"] = round(
+        a["step_s_with_checkpoint"] / a["step_s_without_checkpoint"], 2
+    )
+    results["ratio_sync_checkpoint_step_to_plain_step"] = round(
+        s["step_s_with_checkpoint"] / s["step_s_without_checkpoint"], 2
+    )
+    table = (
+        f"Full fine-tune, {params / 1e6:.1f}M parameters (a checkpoint of about "
+        f"{results['checkpoint_mb_approx']} MiB with Adam states), 1 worker x 2 threads, storage on a local "
+        f"S3-compatible server, a checkpoint every {SAVE_EVERY} steps. Median step times:\n\n"
+        "| upload | step without a checkpoint | step that writes one | ratio |\n|---|---|---|---|\n"
+        f"| async (default) | {a['step_s_without_checkpoint']} s | {a['step_s_with_checkpoint']} s | "
+        f"{results['ratio_async_checkpoint_step_to_plain_step']}x |\n"
+        f"| sync (before) | {s['step_s_without_checkpoint']} s | {s['step_s_with_checkpoint']} s | "
+        f"{results['ratio_sync_checkpoint_step_to_plain_step']}x |\n"
+    )
+    print(table)
+    record("checkpoint_upload", results, table)
+
+
+if __name__ == "__main__":
+    main()
