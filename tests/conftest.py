@@ -61,6 +61,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+NODE_PORT_FLAGS = (
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-listen-port",
+    "--metrics-export-port",
+    "--runtime-env-agent-port",
+    "--dashboard-agent-grpc-port",
+)
+
+
+def node_ports() -> dict[str, int]:
+    """A free port for every per-node listener of `ray start` (flag -> port), so that several
+    nodes (and other clusters) share this machine."""
+    return {flag: free_port() for flag in NODE_PORT_FLAGS}
+
+
 @dataclass
 class Cluster:
     address: str  # GCS address, for ray.init and RAY_ADDRESS
@@ -82,17 +98,6 @@ def ray_cluster() -> Cluster:
     """A real Ray cluster on this machine, started with `ray start --head` and stopped after."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dashboard = free_port(), free_port()
-    ports = {
-        flag: free_port()
-        for flag in (
-            "--node-manager-port",
-            "--object-manager-port",
-            "--dashboard-agent-listen-port",
-            "--metrics-export-port",
-            "--runtime-env-agent-port",
-            "--dashboard-agent-grpc-port",
-        )
-    }
     command = [
         str(BIN / "ray"),
         "start",
@@ -104,7 +109,7 @@ def ray_cluster() -> Cluster:
         "--dashboard-host=127.0.0.1",
         f"--temp-dir={temp}",
         "--disable-usage-stats",
-        *[f"{flag}={value}" for flag, value in ports.items()],
+        *[f"{flag}={port}" for flag, port in node_ports().items()],
     ]
     # The venv's bin first on PATH: job entrypoints (`python jobs/train.py`) run in the cluster's
     # environment, which is inherited from `ray start`.

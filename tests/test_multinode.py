@@ -34,7 +34,17 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import BIN, BUCKET, free_port, run_cli, spec_dict, stop_cluster, wait_for, write_spec
+from conftest import (
+    BIN,
+    BUCKET,
+    free_port,
+    node_ports,
+    run_cli,
+    spec_dict,
+    stop_cluster,
+    wait_for,
+    write_spec,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -64,17 +74,7 @@ class MultiNode:
     ports: dict[str, int] = field(default_factory=dict)  # node name -> its node manager port
 
     def start_node(self, name: str) -> None:
-        ports = {
-            flag: free_port()
-            for flag in (
-                "--node-manager-port",
-                "--object-manager-port",
-                "--dashboard-agent-listen-port",
-                "--metrics-export-port",
-                "--runtime-env-agent-port",
-                "--dashboard-agent-grpc-port",
-            )
-        }
+        ports = node_ports()
         ray_start = " ".join(
             [
                 str(BIN / "ray"),
@@ -84,7 +84,7 @@ class MultiNode:
                 f"--temp-dir={self.temp_dir}",
                 "--disable-usage-stats",
                 "--block",
-                *[f"{flag}={value}" for flag, value in ports.items()],
+                *[f"{flag}={port}" for flag, port in ports.items()],
             ]
         )
         mounts = f"mount -t tmpfs tmpfs {self.private} && mount -t tmpfs tmpfs {PRIVATE_CACHE}"
@@ -140,17 +140,7 @@ def multinode() -> Any:
         "--include-dashboard=false",
         f"--temp-dir={temp}",
         "--disable-usage-stats",
-        *[
-            f"{flag}={free_port()}"
-            for flag in (
-                "--node-manager-port",
-                "--object-manager-port",
-                "--dashboard-agent-listen-port",
-                "--metrics-export-port",
-                "--runtime-env-agent-port",
-                "--dashboard-agent-grpc-port",
-            )
-        ],
+        *[f"{flag}={port}" for flag, port in node_ports().items()],
     ]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run(head, check=True, capture_output=True, text=True, timeout=180, env=env)

@@ -74,7 +74,7 @@ def check_shared(writable: dict[str, str], readable: dict[str, str] | None = Non
     for index, probe in enumerate(probes):
         blind = [node for node, seen in answers.items() if seen is not None and not seen[index]]
         if blind:
-            raise ClusterError(_not_shared(probe, blind, len(nodes)))
+            raise ClusterError(_not_shared(probe, blind, nodes))
         _verified.add((probe.field, probe.path, members))
 
 
@@ -126,10 +126,9 @@ def _sees(probes: list[Probe]) -> list[bool]:
     return seen
 
 
-def _not_shared(probe: Probe, blind: list[str], total: int) -> str:
-    import ray
-
-    names = {n["NodeID"]: f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:12]})" for n in ray.nodes()}
+def _not_shared(probe: Probe, blind: list[str], nodes: list[dict[str, Any]]) -> str:
+    total = len(nodes)
+    names = {n["NodeID"]: f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:12]})" for n in nodes}
     which = ", ".join(names.get(node, node[:12]) for node in blind)
     if probe.token is None:
         what = f"{probe.field}: {probe.path} is missing (or different) on {len(blind)} of {total} nodes: {which}"
