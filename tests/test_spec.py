@@ -310,3 +310,19 @@ def test_prepared_data_is_found_whether_or_not_the_spec_is_anchored(
     spec = load_spec(data={"model": {"path": "m"}, "data": {"train": "data/x.jsonl", "format": "alpaca"}})
     tokenizer = AutoTokenizer.from_pretrained(REPO.parent / "shared" / "models" / "stories260K")
     assert locate(spec, tokenizer).key == locate(anchored(spec), tokenizer).key
+
+
+def test_a_field_added_since_a_run_was_saved_is_not_a_change_on_resume() -> None:
+    """A run saved before data.system_turns existed resumes: the new field at its default is what
+    the old version did. A real change still shows."""
+    from rayft.spec.yamlfile import differences
+    from rayft.train.run import _with_todays_defaults
+
+    spec = load_spec(data=MINIMAL)
+    saved = spec.to_dict()
+    del saved["data"]["system_turns"], saved["scaling"]["min_workers"]
+    assert differences(_with_todays_defaults(saved), spec.to_dict()) == []
+    saved["train"]["learning_rate"] = 0.5
+    assert differences(_with_todays_defaults(saved), spec.to_dict()) == [
+        ("train.learning_rate", 0.5, spec.train.learning_rate)
+    ]

@@ -119,7 +119,7 @@ def check_resumable(spec: JobSpec, run_dir: RunDir, log: Log) -> None:
     text = storage.read_text(run_dir.spec)
     if not text:
         return
-    changed = differences(yaml.safe_load(text), spec.to_dict())
+    changed = differences(_with_todays_defaults(yaml.safe_load(text)), spec.to_dict())
     blocking = [c for c in changed if c[0].split(".")[0] in RESUME_MUST_MATCH and c[0] not in RESUME_MAY_CHANGE]
     if blocking:
         path, old, new = blocking[0]
@@ -132,3 +132,13 @@ def check_resumable(spec: JobSpec, run_dir: RunDir, log: Log) -> None:
         )
     if changed:
         log("train: resuming with changes: " + ", ".join(f"{p}: {o!r} -> {n!r}" for p, o, n in changed[:6]))
+
+
+def _with_todays_defaults(saved: dict) -> dict:
+    """A run's saved spec with the fields a newer rayft added filled in at their defaults: a
+    field the run's version did not have is not a change (the new default is what it did). A
+    saved spec the schema no longer accepts is compared as it is."""
+    try:
+        return JobSpec.model_validate(saved).to_dict()
+    except Exception:  # pydantic's ValidationError, or a redacted value the schema refuses
+        return saved
