@@ -273,6 +273,16 @@ def test_no_library_traceback_reaches_the_terminal_and_debug_shows_it(tmp_path: 
     assert loud.returncode == 2 and "Traceback" in loud.stdout + loud.stderr
 
 
+def test_bracketed_library_text_is_printed_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """A gloo error in a failure note ("[/__w/.../pair.cc:537] Connection closed by peer") was read
+    as rich markup: the progress printer raised MarkupError and printed nothing more of the run."""
+    from rayft.cli.views import log
+
+    note = "train: worker failure (rank 1: RuntimeError: [/__w/pytorch/gloo/tcp/pair.cc:537] closed [bold]x)"
+    log(note)
+    assert capsys.readouterr().out.replace("\n", "") == note
+
+
 # -------------------------------------------------------------------------------- hangs
 def test_an_alias_bomb_is_refused_in_under_a_second(tmp_path: Path) -> None:
     lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rayft.train.result import wall_time_line
@@ -20,7 +21,10 @@ console = Console(highlight=False)
 
 
 def log(message: str) -> None:
-    console.print(message, soft_wrap=True)
+    """Plain text from the layers below: paths, specs, library errors. Never read as rich markup,
+    whose brackets they contain ("[/__w/.../pair.cc:537]" in a gloo error ended the progress
+    printer mid-run)."""
+    console.print(message, soft_wrap=True, markup=False)
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -92,7 +96,7 @@ def print_sweep(result: SweepResult) -> None:
     console.print(table)
     for trial in result.trials:
         if trial.error:
-            log(f"[red]{trial.name} failed[/]: {trial.error}")
+            console.print(f"[red]{escape(trial.name)} failed[/]: {escape(trial.error)}", soft_wrap=True)
     if result.best_spec_path and result.best:
         log(f"best: {result.best.name} ({result.metric} {result.best.metric:.4f}) -> {result.best_spec_path}")
     if result.plot_path:
@@ -113,7 +117,10 @@ def print_held_out_loss(comparison: Comparison) -> None:
 
 def print_report_written(result: Report) -> None:
     log(f"report: {result.markdown}\nreport: {result.html}")
-    log(f"[bold yellow]overfitting[/]: {result.overfitting}" if result.overfitting else "overfitting: not flagged")
+    if result.overfitting:
+        console.print(f"[bold yellow]overfitting[/]: {escape(result.overfitting)}", soft_wrap=True)
+    else:
+        log("overfitting: not flagged")
 
 
 def _num(value: Optional[float]) -> str:
