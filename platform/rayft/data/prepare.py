@@ -11,7 +11,6 @@ import os
 import shutil
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ from rayft import storage
 from rayft.data import stages
 from rayft.data.cache import CacheEntry, locate
 from rayft.data.prepared import STATS_FILE, Prepared, dropped
-from rayft.data.sources import plan_chunks
+from rayft.data.sources import chunk_size, plan_chunks
 from rayft.env import Target, runtime_env, share_secrets
 from rayft.errors import DataError, user_error_in
 from rayft.nodes import on_this_node
@@ -41,11 +40,13 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False, log: Callable
         return cached
 
     sources = spec.data.train + (spec.data.eval or [])
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    size = chunk_size([path for group in entry.files for path in group], cpus)
     chunks = [
         chunk
         for index, group in enumerate(entry.files)
         for file, path in enumerate(group)
-        for chunk in plan_chunks(index, path, file, sources[index].split)
+        for chunk in plan_chunks(index, path, file, sources[index].split, chunk_bytes=size)
     ]
     n_train = len(spec.data.train)
     options = [
@@ -102,25 +103,26 @@ def _pipeline(
     context.execution_options.preserve_order = True  # same inputs -> same rows in the same order
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     remote = _remote_args(spec)
     secrets = share_secrets(spec)
     source = stages.SampleSource(chunks, options, spec.data, ledger, secrets)
-    dataset = ray.data.read_datasource(source, **remote)  # runtime_env is a named parameter now
-    with warnings.catch_warnings():  # max_restarts has no named parameter; Ray warns about **kwargs
-        warnings.simplefilter("ignore")
-        dataset = dataset.map_batches(
-            stages.bound_encoder(spec, tokenizer_dir, entry.template, ledger, secrets),
-            batch_size=512,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
-            # No actor restarts: Ray Data keeps the UDF in the object store, and Ray warns on the
-            # terminal that a restart could lose it. A lost encoder fails the prepare instead; it is
-            # idempotent and cached only when complete, so rerunning the command is the recovery.
-            num_cpus=1,
-            max_restarts=0,
-            **remote,
-        )
+    # One block stream per chunk: Ray Data would otherwise split the read's blocks to reach its own
+    # parallelism target, and a split read is not fused with the encode stage below.
+    dataset = ray.data.read_datasource(source, override_num_blocks=len(chunks), **remote)
+    dataset = dataset.map_batches(
+        stages.encode_batch,
+        fn_kwargs={
+            "spec": spec,
+            "model_dir": tokenizer_dir,
+            "template": entry.template,
+            "ledger": ledger,
+            "secrets": secrets,
+        },
+        batch_size=None,  # the read's blocks as they come: a batch size would keep Ray Data from fusing the two
+        batch_format="pyarrow",
+        num_cpus=1,
+        **remote,
+    )
     if spec.data.packing:
         # Best-fit packing needs a window of samples; bigger windows pack tighter.
         dataset = dataset.map_batches(

@@ -27,6 +27,7 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz")
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
 HUB_PREFIX = "hf:"
 CHUNK_BYTES = 64 << 20
+MIN_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,14 @@ def fingerprint(path: str) -> str:
         return f"{path}:{info.size}:{info.mtime_ns}"
     stat = os.stat(path)
     return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def chunk_size(paths: list[str], cpus: int) -> int:
+    """Bytes per read task: the local JSONL files split into about two tasks per CPU (each task
+    reads and tokenizes its chunk, so the chunks are the pipeline's parallelism), no chunk under
+    MIN_CHUNK_BYTES (a small file stays one task) or over CHUNK_BYTES."""
+    total = sum(os.path.getsize(p) for p in paths if p.endswith(".jsonl") and not is_remote(p) and os.path.isfile(p))
+    return max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, total // (2 * max(cpus, 1)) + 1))
 
 
 def plan_chunks(

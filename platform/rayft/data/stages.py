@@ -1,10 +1,11 @@
 """The stages of the preprocessing pipeline, as Ray Data pieces.
 
 read (SampleSource) -> normalize + filter + dedup + split (inside the read tasks, so each record
-is parsed once and keeps its file:line) -> tokenize + mask + truncate (Encoder actors, one
-tokenizer each) -> pack (pack_rows) -> parquet. Counts of everything dropped go to one
-`Ledger` actor, per source file and reason, which also holds the hashes for de-duplication
-across all tasks.
+is parsed once and keeps its file:line) -> tokenize + mask + truncate (encode_batch, in the same
+tasks: Ray Data fuses it with the read, so a record never crosses the object store before it is
+tokenized, and as many tasks run as there are chunks and CPUs) -> pack (pack_rows) -> parquet.
+Counts of everything dropped go to one `Ledger` actor, per source file and reason, which also
+holds the hashes for de-duplication across all tasks.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def sample_origin(sample: int) -> tuple[int, int, int]:
 
 
 FileKey = tuple[int, int]  # (source index, file index within the source)
+Row = tuple[tuple[int, int, int], str, str, str, str, dict]  # (key, split, kind, payload, where, sample) as read
 
 
 class Tally:
@@ -200,7 +202,7 @@ class SampleSource(Datasource):
     def _read(self, chunk: Chunk) -> Iterator[pa.Table]:
         adopt_secrets(self.secrets)
         options, data = self.sources[chunk.source], self.data
-        rows: list[tuple[tuple[int, int, int], str, str, str, str]] = []  # (key, split, kind, payload, where)
+        rows: list[Row] = []
         counts: Counter[str] = Counter()
         errors: list[str] = []
         taken = 0
@@ -231,7 +233,7 @@ class SampleSource(Datasource):
             key = (chunk.source, chunk.file, index)
             split = "eval" if options.is_eval else _split_of(key, options.eval_fraction)
             kind = "text" if "text" in sample else "chat"
-            rows.append((key, split, kind, json.dumps(sample, ensure_ascii=False), f"{chunk.path}:{line}"))
+            rows.append((key, split, kind, json.dumps(sample, ensure_ascii=False), f"{chunk.path}:{line}", sample))
             if len(rows) >= BLOCK_ROWS:
                 yield self._block(rows, counts, errors, chunk)
                 rows, counts, errors = [], Counter(), []
@@ -239,14 +241,14 @@ class SampleSource(Datasource):
 
     def _block(
         self,
-        rows: list[tuple[tuple[int, int, int], str, str, str, str]],
+        rows: list[Row],
         counts: Counter,
         errors: list[str],
         chunk: Chunk,
     ) -> pa.Table:
         options, filters = self.sources[chunk.source], self.data.filters
         if rows and (filters.dedup or filters.near_dedup):
-            samples = [json.loads(row[3]) for row in rows]
+            samples = [row[5] for row in rows]
             keep: np.ndarray = np.ones(len(rows), dtype=bool)
             if filters.dedup:
                 keep &= ray.get(self.ledger.first_seen.remote([content_hash(s) for s in samples]))
@@ -259,7 +261,7 @@ class SampleSource(Datasource):
                 keep &= fresh
             rows = [row for row, kept in zip(rows, keep) if kept]
         out: dict[str, list] = {"sample_id": [], "split": [], "kind": [], "payload": [], "where": []}
-        for key, split, kind, payload, where in rows:
+        for key, split, kind, payload, where, _ in rows:
             copies = 1 if split == "eval" else _copies(options.weight, key)
             for copy in range(copies):
                 out["sample_id"].append(sample_id(*key, copy))
@@ -289,9 +291,9 @@ def _copies(weight: float, key: tuple[int, int, int]) -> int:
 
 
 class Encoder:
-    """A Ray Data actor: canonical samples -> token rows (one tokenizer per actor, loaded here
-    from the model directory rather than shipped: a tokenizer is megabytes, and Ray keeps large
-    constructor arguments in the object store, where an actor restart can lose them).
+    """Canonical samples -> token rows, a Ray Data batch at a time (encode_batch keeps one per
+    worker process: the tokenizer is loaded there from the model directory rather than shipped,
+    as a tokenizer is megabytes).
 
     A record the template cannot render, or cannot render as inference would, is rejected with
     its file:line and counted by reason (`rejected:<reason>`); the pipeline stops before training
@@ -418,15 +420,22 @@ class RecordEncoder:
             errors.append(f"{row.get('where') or 'record'}: {exc}")
 
 
-def bound_encoder(spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any, secrets: Any = None) -> type:
-    """Encoder with its arguments bound: Ray Data keeps constructor arguments in the object
-    store (and warns that actor restarts may lose them); a bound class carries them itself."""
+_ENCODERS: dict[str, Encoder] = {}  # per worker process: tasks reuse the tokenizer it loaded
 
-    class BoundEncoder(Encoder):
-        def __init__(self) -> None:
-            super().__init__(spec, model_dir, template, ledger, secrets)
 
-    return BoundEncoder
+def encode_batch(
+    batch: pa.Table, *, spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any, secrets: Any = None
+) -> pa.Table:
+    """Ray Data's map function for the encode stage: a plain function, so it runs in the read
+    tasks themselves (an actor pool would wait on a read task holding a CPU; on 2 cores that
+    left one encoder doing all the work)."""
+    key = json.dumps([model_dir, template.source if template else None, spec.data.model_dump(mode="json")])
+    encoder = _ENCODERS.get(key)
+    if encoder is None:
+        _ENCODERS.clear()  # one job's encoder at a time in a worker process
+        encoder = _ENCODERS[key] = Encoder(spec, model_dir, template, ledger, secrets)
+    encoder.ledger = ledger  # this run's ledger (a cached encoder may have served an earlier run)
+    return encoder(batch)
 
 
 def pack_rows(batch: pa.Table, max_length: int) -> pa.Table:
