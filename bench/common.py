@@ -19,6 +19,27 @@ REPO = Path(__file__).resolve().parents[1]
 RAYFT = str(Path(sys.executable).parent / "rayft")  # the CLI of the environment running the bench
 
 
+def llama_from_config(directory: Path, *, hidden: int, layers: int) -> Path:
+    """A Llama built from a config (random weights, seed 0) with stories260K's real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO.parent / "shared" / "models" / "stories260K")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for `rayft` subprocesses: one thread per process (STACK.md), and an
     embedded local Ray rather than whatever cluster RAY_ADDRESS points at."""

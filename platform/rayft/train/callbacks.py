@@ -108,13 +108,14 @@ class CheckpointReporter(RayTrainReportCallback):
     """Ray's callback, with checkpoints named by step (`checkpoint_000040`) and the step in the
     metrics, so a user can find and compare them in storage.
 
-    Uploads are asynchronous: the checkpoint is copied to a staging directory of its own (the
-    trainer rotates its scratch checkpoints) and Ray uploads it in a background thread, deleting
-    the staging copy after, while training goes on. Ray commits checkpoints in order and waits
-    for the last upload before the worker ends. A checkpoint written because the node is being
-    drained (`urgent`) uploads synchronously: it must be in storage before the node goes."""
+    Uploads are asynchronous: the trainer's checkpoint directory is moved (a rename on the same
+    disk, not a copy) into a staging directory of its own, out of reach of the trainer's rotation,
+    and Ray uploads it in a background thread and deletes it after, while training goes on. Ray
+    commits checkpoints in order and waits for the last upload before the worker ends. A
+    checkpoint written because the node is being drained (`urgent`) uploads synchronously: it
+    must be in storage before the node goes."""
 
-    seconds = 0.0  # training time spent on checkpoints here (the local copy; a sync upload too)
+    seconds = 0.0  # training time spent on checkpoints here (handing them to Ray; a sync upload too)
     urgent = False  # set by PreemptionCheckpoint for the next save
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -128,9 +129,11 @@ class CheckpointReporter(RayTrainReportCallback):
             metrics.update(log)
         metrics["step"] = state.global_step
         source = transformers.trainer.get_last_checkpoint(args.output_dir)
-        staging, checkpoint = tempfile.mkdtemp(prefix="rayft-upload-"), None
+        # beside the trainer's checkpoints, so the move is a rename; not named checkpoint-N, so
+        # neither the trainer's rotation nor get_last_checkpoint ever sees it
+        staging, checkpoint = tempfile.mkdtemp(prefix="upload-", dir=args.output_dir), None
         if source is not None:
-            shutil.copytree(source, os.path.join(staging, self.CHECKPOINT_NAME))
+            os.rename(source, os.path.join(staging, self.CHECKPOINT_NAME))
             checkpoint = ray.train.Checkpoint.from_directory(staging)
         urgent = self.urgent or bool(os.environ.get(SYNC_UPLOAD_HOOK))
         mode = CheckpointUploadMode.SYNC if urgent else CheckpointUploadMode.ASYNC

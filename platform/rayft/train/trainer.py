@@ -167,7 +167,7 @@ def sft_config(
         eval_steps=steps.eval_every,
         save_strategy="steps",
         save_steps=steps.save_every,
-        save_total_limit=1,  # local scratch only: Ray keeps the checkpoints in storage
+        save_total_limit=1,  # local scratch only: each checkpoint moves to Ray for upload (CheckpointReporter)
         report_to="none",
         disable_tqdm=True,
         dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, masked and packed by `prepare`
