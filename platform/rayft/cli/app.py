@@ -4,9 +4,12 @@ Heavy modules are imported inside the commands, so `rayft --help` and `validate`
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -92,10 +95,26 @@ def _load(spec_path: Path, overrides: Optional[list[str]], profile: list[Path]) 
     return load_spec(spec_path, profiles=list(profile), overrides=overrides or [])
 
 
+TOKENIZER_MODULE = "transformers.models.auto.tokenization_auto"  # AutoTokenizer and all it imports (torch too)
+
+
+def _import_ahead(name: str) -> None:
+    """An import done early in a thread; if it fails, the real import later says why, properly."""
+    with contextlib.suppress(Exception):
+        importlib.import_module(name)
+
+
 def _connect(address: Optional[str], verbose: bool = False, quiet: bool = False) -> None:
     from rayft.launch.cluster import connect
 
+    # Every command that connects loads a tokenizer right after, which needs transformers (seconds
+    # of imports); ray.init mostly waits for Ray's own processes to come up: import it meanwhile.
+    # Joined before anything else imports it: transformers is a lazy module, and a second thread
+    # importing from it half-initialized gets ImportError (seen with a cluster that connects fast).
+    preload = threading.Thread(target=_import_ahead, args=(TOKENIZER_MODULE,), daemon=True)
+    preload.start()
     where = connect(address, verbose=verbose)
+    preload.join()
     if not quiet:
         log(f"ray: {where}")
 
