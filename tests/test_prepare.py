@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SHARED, run_cli, write_jsonl, write_spec
-from rayft.data.sources import plan_chunks, read_chunk
+from rayft.data.sources import MIN_CHUNK_BYTES, chunk_size, plan_chunks, read_chunk
 from rayft.errors import DataError
 from rayft.spec import load_spec
 
@@ -288,6 +288,19 @@ def test_jsonl_chunks_cover_the_file_with_correct_line_numbers(tmp_path) -> None
     pieces = [item for chunk in chunks for item in read_chunk(chunk)]
     assert pieces == whole
     assert all(lines[line - 1] and json.loads(lines[line - 1]) == record for _, line, record in pieces)
+
+
+def test_files_are_cut_into_about_two_read_tasks_per_cpu_and_small_ones_stay_whole(tmp_path) -> None:
+    """Each read task also tokenizes its chunk, so the chunks are the pipeline's parallelism."""
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    big.write_text((json.dumps({"text": "y" * 1000}) + "\n") * 8000)
+    small.write_text(json.dumps({"text": "z"}) + "\n")
+    size = chunk_size([str(big), str(small)], cpus=2)
+    assert size == (big.stat().st_size + small.stat().st_size) // 4 + 1  # 2 per CPU, over all the files
+    assert len(plan_chunks(0, str(big), chunk_bytes=size)) == 4
+    assert len(plan_chunks(1, str(small), chunk_bytes=size)) == 1
+    assert chunk_size([str(small)], cpus=64) == MIN_CHUNK_BYTES  # never tiny tasks
+    assert chunk_size([str(big)], cpus=1) == big.stat().st_size // 2 + 1
 
 
 def test_preview_shows_trained_tokens_and_stats(ray_cluster, tiny_llama, chat_data, tmp_path) -> None:
