@@ -41,11 +41,15 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup  # each prints ratios measured in one run and records them in bench/results/
+	$(BIN)/python bench/e2e_vs_trl.py
 	$(BIN)/python bench/ray_overhead.py
 	$(BIN)/python bench/prepare_throughput.py
 	$(BIN)/python bench/packing.py
 	$(BIN)/python bench/packing_fill.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/layout.py
+	$(BIN)/python bench/checkpoint_upload.py
+	$(BIN)/python bench/recovery.py
 	$(BIN)/python bench/sweep_asha.py
 
 clean:
