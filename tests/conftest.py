@@ -298,7 +298,9 @@ def spec_dict(model: Path, data: dict[str, Path], storage: Path, **sections: Any
 
     base = {
         "model": {"path": str(model)},
-        "method": {"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        # fp32 unless a test says otherwise: `auto` picks bf16 on AMX CPUs, and tests that compare
+        # losses across worker counts and methods must not depend on the machine they run on
+        "method": {"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "precision": "fp32"},
         "data": {
             "train": str(data["train"]),
             "eval": str(data["eval"]) if "eval" in data else None,

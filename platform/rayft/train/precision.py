@@ -27,6 +27,10 @@ def resolve_precision(spec: JobSpec, hidden: int | None) -> tuple[str, str]:
         return spec.method.precision, "as the spec says"
     if spec.scaling.use_gpu:
         return "bf16", "auto: bf16 on GPU"
+    if spec.method.kind == "qlora" and spec.method.deepspeed:
+        # bitsandbytes' CPU 4-bit matmul under bf16 autocast breaks on ZeRO-3's partitioned weights
+        # ("shape '[128, 64]' is invalid", measured on an AVX512-BF16 CPU)
+        return "fp32", "auto: fp32 (QLoRA under DeepSpeed on CPU fails in bf16)"
     if not hidden:
         return "fp32", "auto: fp32 (the model's width is unknown)"
     speedup = bf16_speedup(hidden)
