@@ -37,6 +37,11 @@ def test_auto_follows_the_measured_matmul(tmp_path: Path, monkeypatch: pytest.Mo
     )
     assert precision.resolve_precision(spec(precision="bf16"), 64) == ("bf16", "as the spec says")
     assert precision.resolve_precision(spec(), None)[0] == "fp32"
+    # where bf16 is faster, QLoRA under DeepSpeed still trains in fp32: bitsandbytes' CPU 4-bit
+    # matmul fails in bf16 on ZeRO-3's partitioned weights
+    qlora_zero3 = spec(kind="qlora", deepspeed="zero3", quantization={"storage_dtype": "bfloat16"})
+    assert precision.resolve_precision(qlora_zero3, 4096)[0] == "fp32"
+    assert precision.resolve_precision(spec(kind="qlora"), 4096)[0] == "bf16"
 
 
 def test_bf16_autocast_loss_curve_stays_close_to_fp32() -> None:
