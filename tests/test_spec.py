@@ -114,6 +114,36 @@ def test_elastic_worker_range_keeps_the_global_batch_at_every_size() -> None:
 
 
 @pytest.mark.parametrize(
+    "train_tokens, eval_tokens, eval_every, words",
+    [
+        # bench/e2e_vs_trl.py's job: the eval split is a third of the training tokens, so one
+        # pass costs ~11% of training: the final weights only
+        (31_526, 10_350, 22, "at the end only"),
+        # a small eval split: every checkpoint (4 passes cost 4 * 1/3 * 2% < 10%)
+        (100_000, 2_000, 6, "at every checkpoint"),
+        # two passes affordable, four checkpoints: every other one
+        (60_000, 8_000, 12, "every 12 steps and at the end"),
+        # unknown sizes: every checkpoint
+        (0, 0, 6, "at every checkpoint"),
+    ],
+)
+def test_default_evaluation_cadence_keeps_evaluation_within_a_tenth_of_training(
+    train_tokens: int, eval_tokens: int, eval_every: int, words: str
+) -> None:
+    spec = load_spec(data={**MINIMAL, "train": {"global_batch_size": 4, "micro_batch_size": 2}})
+    steps = spec.step_plan(88, train_tokens, eval_tokens)
+    assert (steps.total_steps, steps.save_every, steps.eval_every) == (22, 6, eval_every)
+    assert words in steps.eval_why
+    evaluations = len({*range(eval_every, 23, eval_every), 22})  # the trainer also evaluates the last step
+    if train_tokens and evaluations > 1:
+        assert evaluations * eval_tokens / 3 <= 0.1 * train_tokens
+    # what the spec says wins; a sweep's scheduler compares trials at every checkpoint
+    said = load_spec(data={**MINIMAL, "train": {"global_batch_size": 4, "micro_batch_size": 2, "eval_every": 5}})
+    assert said.step_plan(88, train_tokens, eval_tokens).eval_every == 5
+    assert spec.step_plan(88, train_tokens, eval_tokens, sweep_trial=True).eval_every == 6
+
+
+@pytest.mark.parametrize(
     "scaling, words",
     [
         ({"num_workers": [1, 3]}, ["3 worker(s)", "[1, 3]", "global_batch_size=12"]),  # 8 rows, micro 2: 3 uneven

@@ -122,12 +122,15 @@ def test_one_and_two_workers_give_the_same_loss_curve(runs: dict[int, Any]) -> N
     assert one[-1] < one[0], "the loss did not fall"
 
 
+@pytest.mark.parametrize("workers, eval_every", [(1, 1), (2, 2)])
 def test_checkpoints_kept_by_count_and_metric(
-    ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path
+    ray_cluster: Any, tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path, workers: int, eval_every: int
 ) -> None:
     """run.checkpoints_to_keep=2 ranked by eval_loss, with checkpoint_mode=max here so that the
     best are the earliest checkpoints while the loss falls, not the latest: what stays in storage
-    is the two best by the metric, plus the latest (Ray Train keeps it to resume from)."""
+    is the two best by the metric, plus the latest (Ray Train keeps it to resume from). A
+    checkpoint without an evaluation of its own (eval_every 2) ranks below every evaluated one,
+    not by the loss of an older checkpoint."""
     from rayft.train.driver import train
 
     steps = 5
@@ -136,15 +139,16 @@ def test_checkpoints_kept_by_count_and_metric(
             tiny_llama,
             chat_data,
             tmp_path,
-            scaling={"num_workers": 1},
+            scaling={"num_workers": workers},
             run={"name": "retention", "checkpoints_to_keep": 2, "checkpoint_mode": "max"},
-            train={"max_steps": steps, "save_every": 1, "learning_rate": 1e-2},
+            train={"max_steps": steps, "save_every": 1, "eval_every": eval_every, "learning_rate": 1e-2},
         )
     )
     summary = train(spec, log=lambda _: None)
     state = json.loads((Path(summary.checkpoint) / "checkpoint" / "trainer_state.json").read_text())
     eval_loss = {entry["step"]: entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry}
-    assert sorted(eval_loss) == list(range(1, steps + 1)), "an evaluation at every checkpoint"
+    # every eval_every steps, and the final weights
+    assert sorted(eval_loss) == sorted({*range(eval_every, steps + 1, eval_every), steps})
     best = sorted(eval_loss, key=lambda step: eval_loss[step], reverse=True)[: spec.run.checkpoints_to_keep]
     expected = {f"checkpoint_{step:06d}" for step in [*best, steps]}
     kept = {p.name for p in Path(summary.run_dir).glob("checkpoint_0*")}

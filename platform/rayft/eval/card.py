@@ -13,6 +13,7 @@ spec.yaml is stored redacted, and the whole text goes through rayft.spec.secrets
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from rayft import __version__, storage
 from rayft.data.prepared import dropped as drop_reasons
 from rayft.data.prepared import read_stats
 from rayft.eval.report import Block, to_markdown
+from rayft.model.gguf_header import read_metadata
 from rayft.model.ollama import ollama_tag
 from rayft.model.source import resolve_source
 from rayft.model.trained import Exported, adapter_base
@@ -127,14 +129,12 @@ def base_license(base: str | None) -> str | None:
     return str(value) if value else None
 
 
+@functools.lru_cache(maxsize=8)
 def _gguf_fields(path: str) -> dict[str, Any]:
-    """A GGUF header's general.* strings (memory-mapped; no tensor is read)."""
+    """A GGUF header's general.* values (the header only: no tensor, no vocabulary is read)."""
     try:
-        import gguf
-
-        reader = gguf.GGUFReader(path)
-        return {k: f.contents() for k, f in reader.fields.items() if k.startswith("general.")}
-    except Exception:
+        return read_metadata(path, lambda key: key.startswith("general."))
+    except (OSError, ValueError):
         return {}
 
 

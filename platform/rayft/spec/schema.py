@@ -17,6 +17,11 @@ from rayft.errors import SpecError
 from rayft.spec.secrets import redact
 from rayft.storage import check_scheme
 
+# The default evaluation cadence keeps evaluation within this share of the training compute; an
+# evaluated token costs one forward pass, about a third of a trained one (forward and backward).
+EVAL_SHARE = 0.1
+EVAL_TOKEN_COST = 1 / 3
+
 
 class Section(BaseModel):
     # Unknown keys are errors: a typo like `learning_rat` must not silently train with a default.
@@ -340,8 +345,13 @@ class TrainSpec(Section):
     optimizer: str = "adamw_torch"
     seed: int = 42
     log_every: int = Field(10, ge=1)
-    eval_every: int | None = Field(None, ge=1, description="Steps between evaluations; default: once per save.")
-    save_every: int | None = Field(None, ge=1, description="Steps between checkpoints; default: once per epoch.")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="Steps between evaluations; default: at checkpoints, as many as fit in a tenth of the "
+        "training compute (the final weights always).",
+    )
+    save_every: int | None = Field(None, ge=1, description="Steps between checkpoints; default: four a run.")
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -699,15 +709,38 @@ class JobSpec(Section):
             raise SpecError("the spec has no tune.search_space to sweep", field="tune")
         return self.tune
 
-    def step_plan(self, train_rows: int) -> StepPlan:
-        """Optimizer steps per epoch and in total, as the HF trainer will count them, and the
-        default checkpoint interval (four checkpoints a run). The same at every worker count:
-        a step is train.global_batch_size rows, the last one of an epoch topped up with rows that
-        carry no loss (rayft.train.epoch)."""
+    def step_plan(
+        self, train_rows: int, train_tokens: int = 0, eval_tokens: int = 0, *, sweep_trial: bool = False
+    ) -> StepPlan:
+        """Optimizer steps per epoch and in total, as the HF trainer will count them, the
+        default checkpoint interval (four checkpoints a run) and the default evaluation cadence.
+        The same at every worker count: a step is train.global_batch_size rows, the last one of
+        an epoch topped up with rows that carry no loss (rayft.train.epoch).
+
+        Evaluation by default: at every checkpoint while that costs at most EVAL_SHARE of the
+        training compute, else at fewer checkpoints (the final weights are always evaluated,
+        once). A sweep's trial evaluates at every checkpoint: its scheduler compares trials there.
+        `train_tokens`, `eval_tokens`: the splits' tokens (0: unknown, every checkpoint)."""
         per_epoch = max(1, math.ceil(train_rows / self.train.global_batch_size))
         total = self.train.max_steps or max(1, math.ceil(self.train.epochs * per_epoch))
         save_every = self.train.save_every or max(1, math.ceil(total / 4))
-        return StepPlan(per_epoch, total, save_every, self.train.eval_every or save_every)
+        if self.train.eval_every:
+            return StepPlan(per_epoch, total, save_every, self.train.eval_every, "train.eval_every")
+        checkpoints = math.ceil(total / save_every)
+        if not (train_tokens and eval_tokens) or sweep_trial:
+            return StepPlan(per_epoch, total, save_every, save_every, "at every checkpoint")
+        trained = train_tokens * total / per_epoch  # tokens the run trains on, all epochs
+        affordable = max(1, math.floor(EVAL_SHARE * trained / (EVAL_TOKEN_COST * eval_tokens)))
+        if affordable >= checkpoints:
+            return StepPlan(per_epoch, total, save_every, save_every, "at every checkpoint")
+        every = min(total, save_every * math.ceil(checkpoints / affordable))
+        where = "at the end only" if every == total else f"every {every} steps and at the end"
+        why = (
+            f"{where}: one pass over the eval split ({eval_tokens:,} tokens) costs "
+            f"{EVAL_TOKEN_COST * eval_tokens / trained:.0%} of the training compute; "
+            f"set train.eval_every for more"
+        )
+        return StepPlan(per_epoch, total, save_every, every, why)
 
     def to_dict(self, *, redacted: bool = True) -> dict[str, Any]:
         data = self.model_dump(mode="json")
@@ -722,3 +755,4 @@ class StepPlan:
     total_steps: int
     save_every: int
     eval_every: int
+    eval_why: str = "at every checkpoint"  # how the evaluation cadence was chosen, for the run's log

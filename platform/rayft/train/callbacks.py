@@ -118,16 +118,17 @@ class CheckpointReporter(RayTrainReportCallback):
     seconds = 0.0  # training time spent on checkpoints here (handing them to Ray; a sync upload too)
     urgent = False  # set by PreemptionCheckpoint for the next save
 
+    def __init__(self, score_metric: str | None = None):
+        super().__init__()
+        self.score_metric = score_metric  # run.checkpoint_metric: Ray keeps the best checkpoints by it
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         import ray.train
         import transformers.trainer
         from ray.train import CheckpointUploadMode
 
         started = time.time()
-        metrics: dict[str, Any] = {}
-        for log in state.log_history:
-            metrics.update(log)
-        metrics["step"] = state.global_step
+        metrics = checkpoint_metrics(state.log_history, state.global_step, self.score_metric)
         source = transformers.trainer.get_last_checkpoint(args.output_dir)
         # beside the trainer's checkpoints, so the move is a rename; not named checkpoint-N, so
         # neither the trainer's rotation nor get_last_checkpoint ever sees it
@@ -148,6 +149,24 @@ class CheckpointReporter(RayTrainReportCallback):
             shutil.rmtree(staging, ignore_errors=True)
         self.urgent = False
         self.seconds += time.time() - started
+
+
+def checkpoint_metrics(log_history: list[dict[str, Any]], step: int, score_metric: str | None) -> dict[str, Any]:
+    """The newest value of every logged metric, for the checkpoint of `step`. Evaluation metrics
+    only from an evaluation of these weights: a checkpoint that was not evaluated (the default
+    cadence skips some, rayft.spec.StepPlan) must not be ranked by an older checkpoint's loss.
+    Its score metric is NaN, which Ray ranks below every number (the latest checkpoint is kept
+    whatever its score)."""
+    metrics: dict[str, Any] = {}
+    for log in log_history:
+        metrics.update(log)
+    evaluation = next((log for log in reversed(log_history) if "eval_loss" in log), None)
+    if evaluation is None or evaluation.get("step") != step:
+        metrics = {key: value for key, value in metrics.items() if not key.startswith("eval_")}
+        if score_metric and score_metric.startswith("eval_"):
+            metrics[score_metric] = float("nan")
+    metrics["step"] = step
+    return metrics
 
 
 class PreemptionCheckpoint(TrainerCallback):

@@ -99,6 +99,8 @@ def _begin(plan: RunPlan, log: Log) -> None:
             f"{spec.gradient_accumulation_steps} accumulation"
         )
     log(f"train: {layout}, {plan.steps.total_steps} steps, checkpoint every {plan.steps.save_every} -> {run_dir.path}")
+    if plan.has_eval:
+        log(f"train: evaluation {plan.steps.eval_why}")
     if plan.waiting:
         log(f"train: {plan.waiting}")
 

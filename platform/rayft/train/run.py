@@ -97,7 +97,12 @@ def plan_run(
         run_dir,
         model_dir,
         prepared,
-        spec.step_plan(prepared.train_rows),
+        spec.step_plan(
+            prepared.train_rows,
+            prepared.split("train")["tokens"],
+            prepared.split("eval")["tokens"],
+            sweep_trial=trial is not None,
+        ),
         resume_from,
         precision=precision,
         fresh=fresh,
