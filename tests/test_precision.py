@@ -70,3 +70,38 @@ def test_bf16_autocast_loss_curve_stays_close_to_fp32() -> None:
     gaps = [abs(b - f) / f for f, b in zip(curves["fp32"], curves["bf16"])]
     print(f"bf16 vs fp32, relative loss gap per step: {', '.join(f'{g:.2e}' for g in gaps)}")
     assert max(gaps) < BF16_LOSS_TOLERANCE, curves
+
+
+def test_lora_in_bf16_holds_frozen_linears_in_bf16_with_the_same_loss_curve(tiny_llama: Path) -> None:
+    """On CPU, LoRA in bf16 keeps the frozen Linear weights in bf16 (autocast would cast them on
+    every forward): the same loss curve as fp32 weights under autocast, while adapters,
+    embeddings and the tied head stay fp32."""
+    from rayft.model.loading import frozen_linears_to, load_model
+
+    lora = spec(kind="lora", lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"})
+    batch = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    curves, models = {}, {}
+    for run_precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = load_model(lora, str(tiny_llama), "sdpa", run_precision)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        curve = []
+        for _ in range(5):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            curve.append(loss.item())
+        curves[run_precision], models[run_precision] = curve, model
+    held = models["bf16"]
+    dtypes = {name: p.dtype for name, p in held.named_parameters()}
+    frozen_linear = [n for n in dtypes if "base_layer.weight" in n]
+    assert len(frozen_linear) == 2 * 7 and all(dtypes[n] == torch.bfloat16 for n in frozen_linear)
+    assert all(dtypes[n] == torch.float32 for n, p in held.named_parameters() if p.requires_grad)
+    assert held.get_input_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in models["fp32"].parameters())
+    assert frozen_linears_to(held, torch.bfloat16) == 2 * 7  # idempotent: the same layers again
+    assert curves["bf16"][-1] < curves["bf16"][0]
+    gaps = [abs(b - f) / f for f, b in zip(curves["fp32"], curves["bf16"])]
+    assert max(gaps) < 1e-3, curves  # the same matmuls in bf16 either way: rounding order only

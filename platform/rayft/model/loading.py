@@ -29,9 +29,10 @@ def torch_dtype(spec: JobSpec) -> Any:
     return getattr(torch, weight_dtype(spec))
 
 
-def load_model(spec: JobSpec, model_dir: str, attention: str | None = None) -> Any:
+def load_model(spec: JobSpec, model_dir: str, attention: str | None = None, precision: str | None = None) -> Any:
     """The base model, quantized for QLoRA, wrapped with LoRA adapters when the method says.
-    `attention`: the implementation resolve_attention chose (default: resolved here)."""
+    `attention`: the implementation resolve_attention chose (default: resolved here).
+    `precision`: the run's (method.precision, `auto` decided; default the spec's)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,7 +62,43 @@ def load_model(spec: JobSpec, model_dir: str, attention: str | None = None) -> A
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config(spec))
+    if autocast_casts_frozen_linears(spec, precision or spec.precision):
+        frozen_linears_to(model, torch.bfloat16)
     return model
+
+
+def autocast_casts_frozen_linears(spec: JobSpec, precision: str) -> bool:
+    """LoRA in bf16 autocast on CPU, with fp32 weights and no sharding: autocast casts each frozen
+    Linear weight to bf16 again on every forward (it caches only casts of trainable weights),
+    about a sixth of a training step (bench/results/e2e_vs_trl.md)."""
+    return (
+        precision == "bf16"
+        and spec.method.kind == "lora"
+        and not spec.scaling.use_gpu
+        and weight_dtype(spec) == "float32"
+        and not spec.method.deepspeed
+        and spec.method.fsdp is None
+    )
+
+
+def frozen_linears_to(model: Any, dtype: Any) -> int:
+    """Hold the frozen Linear layers' weights in `dtype`, as autocast would cast them for each
+    matmul: the same numbers, cast once. Trainable weights (adapters, modules_to_save) stay fp32
+    for the optimizer; embeddings, norms and the LM head (often tied to the embeddings; TRL's fused
+    head may run it outside autocast) stay fp32 too, so the residual stream is fp32 as under plain
+    autocast. Returns the layers cast."""
+    import torch
+
+    tied = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    cast = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or module.weight.requires_grad or id(module.weight) in tied:
+            continue
+        module.weight.data = module.weight.data.to(dtype)
+        if module.bias is not None and not module.bias.requires_grad:
+            module.bias.data = module.bias.data.to(dtype)
+        cast += 1
+    return cast
 
 
 def bnb_config(spec: JobSpec) -> Any:

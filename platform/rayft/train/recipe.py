@@ -92,7 +92,7 @@ class SFTRecipe:
         check_liger(spec)
         if self.rank == 0:
             print(f"rayft: attention {attention} ({why})", flush=True)
-        model = load_model(spec, model_dir, attention)
+        model = load_model(spec, model_dir, attention, plan.precision)
         if spec.method.deepspeed:
             load_ops(ops_needed(deepspeed_config(spec), use_gpu=spec.scaling.use_gpu))
         train_data, eval_data = load_split(plan.prepared, "train"), load_split(plan.prepared, "eval")
