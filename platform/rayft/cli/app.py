@@ -104,7 +104,7 @@ def _import_ahead(name: str) -> None:
         importlib.import_module(name)
 
 
-def _connect(address: Optional[str], verbose: bool = False, quiet: bool = False) -> None:
+def _connect(address: Optional[str], verbose: bool = False, quiet: bool = False, dashboard: bool = False) -> None:
     from rayft.launch.cluster import connect
 
     # Every command that connects loads a tokenizer right after, which needs transformers (seconds
@@ -113,7 +113,7 @@ def _connect(address: Optional[str], verbose: bool = False, quiet: bool = False)
     # importing from it half-initialized gets ImportError (seen with a cluster that connects fast).
     preload = threading.Thread(target=_import_ahead, args=(TOKENIZER_MODULE,), daemon=True)
     preload.start()
-    where = connect(address, verbose=verbose)
+    where = connect(address, verbose=verbose, dashboard=dashboard)
     preload.join()
     if not quiet:
         log(f"ray: {where}")
@@ -222,7 +222,7 @@ def tune(
     from rayft.tune.sweep import sweep
 
     job = _load(spec, overrides, profile)
-    _connect(address, verbose)
+    _connect(address, verbose, dashboard=True)  # for Ray Train's placement-group cleaner (rayft.launch.cluster)
     result = sweep(job, fresh=fresh, log=log)
     print_sweep(result)
     failed = [trial for trial in result.trials if trial.status == "failed"]

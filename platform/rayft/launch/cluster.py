@@ -50,8 +50,11 @@ AUTH_HINT = (
 )
 
 
-def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int | None = None) -> str:
-    """ray.init once; returns a description of what it connected to."""
+def connect(
+    address: str | None = None, *, verbose: bool = False, num_cpus: int | None = None, dashboard: bool = False
+) -> str:
+    """ray.init once; returns a description of what it connected to. `dashboard`: start one with
+    an embedded local Ray (a sweep needs it; see below)."""
     import ray
 
     if ray.is_initialized():
@@ -76,18 +79,21 @@ def connect(address: str | None = None, *, verbose: bool = False, num_cpus: int 
             where = f"Ray cluster at {address}"
         else:
             # address="local": a new instance of our own, even when a `ray start` cluster runs on
-            # this machine (ray.init would otherwise join that one). With the dashboard: it serves
-            # the State API, which Ray Train's placement-group cleaner needs to release a worker
-            # group whose controller died (a sweep trial stopped early); without it those CPUs stay
-            # reserved and the next trial never starts. Its address goes to every process (they
-            # inherit this environment), so that the cleaner asks this instance, not another.
-            dashboard = free_port()
-            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+            # this machine (ray.init would otherwise join that one). A sweep needs the dashboard:
+            # it serves the State API, which Ray Train's placement-group cleaner needs to release
+            # a worker group whose controller died (a trial stopped early); without it those CPUs
+            # stay reserved and the next trial never starts. Its address goes to every process
+            # (they inherit this environment), so that the cleaner asks this instance, not another.
+            # A single run has no use for it: its controller ends with this process, and the
+            # dashboard's processes cost seconds of CPU at start-up (bench/results/startup.md).
+            port = free_port() if dashboard else None
+            if port:
+                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             ray.init(
                 address="local",
                 num_cpus=num_cpus or os.cpu_count(),
-                include_dashboard=True,
-                dashboard_port=dashboard,
+                include_dashboard=dashboard,
+                dashboard_port=port,
                 dashboard_host="127.0.0.1",
                 log_to_driver=verbose,
                 logging_level=logging.ERROR if not verbose else logging.INFO,

@@ -91,7 +91,7 @@ class ProgressPrinter:
         self,
         board: Any,
         log: Callable[[str], None],
-        every: float = 2.0,
+        every: float = 1.0,
         waiting: str | None = None,
         notices: dict[Any, str] | None = None,
     ):
