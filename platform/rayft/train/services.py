@@ -16,7 +16,7 @@ from rayft.nodes import on_this_node
 from rayft.train.progress import ProgressBoardActor, ProgressPrinter
 from rayft.train.result import Attempt
 from rayft.train.run import RunPlan
-from rayft.train.tracking import run_settings, start_tracker, wandb_archive
+from rayft.train.tracking import run_settings, start_tracker, stop_tracker, wandb_archive
 
 
 class FailureNotes(UserCallback):
@@ -96,4 +96,4 @@ class RunServices:
             return
         self.wandb = ray.get(self.tracker.finish.remote(self.plan.tracker_key, 1 if error is not None else 0))
         if self.owned:
-            ray.kill(self.tracker)
+            stop_tracker(self.tracker)

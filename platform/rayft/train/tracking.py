@@ -12,6 +12,7 @@ account still leaves a complete run directory that `wandb sync` uploads later.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from typing import TYPE_CHECKING, Any
@@ -156,12 +157,29 @@ class Tracker:
             finished.append(self.finish(key, exit_code=1 if status == "failed" else 0))
         return [location for location in finished if location]
 
+    def close(self) -> None:
+        """Stop wandb's service once it has written every run's files. `run.finish()` returns
+        while the service may still hold a run's records in memory; killing this actor right
+        after left an offline run file with no history and no exit record (seen in a test)."""
+        import wandb
+
+        wandb.teardown()
+
     @staticmethod
     def _location(run: Any) -> str:
         return run.url if getattr(run, "url", None) else run.dir
 
 
 TrackerActor = ray.remote(num_cpus=0, max_restarts=0)(Tracker)
+CLOSE_TIMEOUT_S = 120  # wandb's service flushing its files; online, uploading what is left
+
+
+def stop_tracker(tracker: Any) -> None:
+    """End a tracker actor after its runs are finished, and after wandb has written them (a
+    tracker that cannot close in time is ended anyway: tracking never holds a run up)."""
+    with contextlib.suppress(Exception):  # GetTimeoutError, or the actor died: nothing left to flush
+        ray.get(tracker.close.remote(), timeout=CLOSE_TIMEOUT_S)
+    ray.kill(tracker)
 
 
 def start_tracker(spec: JobSpec, tracker: Any | None = None) -> Any | None:

@@ -28,7 +28,7 @@ from rayft.spec.yamlfile import Origins, apply_override
 from rayft.train.driver import train
 from rayft.train.preflight import preflight
 from rayft.train.run import Trial
-from rayft.train.tracking import start_tracker
+from rayft.train.tracking import start_tracker, stop_tracker
 from rayft.tune.plots import plot_sweep
 from rayft.tune.space import (
     data_variants,
@@ -210,7 +210,7 @@ def _finish_tracking(tracker: Any, status_by_trial: dict[str, str], default: str
 
     if tracker is not None:
         ray.get(tracker.finish_all.remote(status_by_trial, default))
-        ray.kill(tracker)
+        stop_tracker(tracker)
 
 
 def summarize(result: Any, metric: str) -> TrialOutcome:
