@@ -233,6 +233,10 @@ def test_method_combinations_rejected_before_any_worker_starts() -> None:
         }
     )
     assert ok.method.quantization.storage_dtype == "bfloat16"
+    with pytest.raises(SpecError, match="precision=bf16 fails on CPU.*use precision fp32"):
+        load_spec(data={**MINIMAL, "method": {**ok.method.model_dump(), "precision": "bf16"}})
+    on_gpu = {**MINIMAL, "scaling": {"use_gpu": True}, "method": {**ok.method.model_dump(), "precision": "bf16"}}
+    assert load_spec(data=on_gpu).method.precision == "bf16"
     with pytest.raises(SpecError, match="method.deepspeed: must be one of zero2, zero3, zero3-offload"):
         load_spec(data={**MINIMAL, "method": {"deepspeed": "zero4"}})
 

@@ -633,6 +633,13 @@ class JobSpec(Section):
                     f"method.quantization.storage_dtype equal to compute_dtype ({compute}): ZeRO-3 partitions "
                     f"parameters by dtype and cannot shard uint8-stored 4-bit weights"
                 )
+            if method.precision == "bf16" and not gpu:
+                # measured on an AVX512-BF16 CPU: "shape '[128, 64]' is invalid" on the first step
+                raise ValueError(
+                    f"method.kind=qlora with method.deepspeed={method.deepspeed} and method.precision=bf16 fails on "
+                    "CPU: bitsandbytes' 4-bit CPU matmul breaks under bf16 autocast on ZeRO-3's partitioned weights; "
+                    "use precision fp32 (or auto, which picks it here)"
+                )
         if method.deepspeed and method.deepspeed.endswith("offload") and method.kind == "qlora":
             raise ValueError("method.deepspeed=zero3-offload cannot offload 4-bit (qlora) weights; use zero3 or lora")
         self._check_fsdp()
