@@ -99,8 +99,9 @@ def test_token_meter_counts_real_and_trained_tokens() -> None:
 
 
 def test_a_checkpoint_is_ranked_only_by_its_own_evaluation() -> None:
-    import math
+    import json
 
+    from rayft.rundir import CHECKPOINT_SCORE, UNRANKED
     from rayft.train.callbacks import checkpoint_metrics
 
     history = [
@@ -110,10 +111,14 @@ def test_a_checkpoint_is_ranked_only_by_its_own_evaluation() -> None:
     ]
     evaluated = checkpoint_metrics(history[:2], 2, "eval_loss")
     assert (evaluated["eval_loss"], evaluated["eval_tokens"], evaluated["loss"], evaluated["step"]) == (1.5, 90, 2.0, 2)
-    # step 3 was not evaluated: no eval metric of step 2's weights; its score is NaN, ranked last
+    assert evaluated[CHECKPOINT_SCORE] == 1.5
+    # step 3 was not evaluated: no eval metric of step 2's weights, and a score worse than any loss
     later = checkpoint_metrics(history, 3, "eval_loss")
-    assert math.isnan(later["eval_loss"]) and "eval_tokens" not in later
-    assert (later["loss"], later["step"]) == (1.8, 3)
+    assert "eval_loss" not in later and "eval_tokens" not in later
+    assert (later["loss"], later["step"], later[CHECKPOINT_SCORE]) == (1.8, 3, UNRANKED)
+    assert checkpoint_metrics(history, 3, "eval_accuracy", mode="max")[CHECKPOINT_SCORE] == -UNRANKED
+    # Ray snapshots its checkpoint list as JSON and reads it back on resume: the score survives
+    assert json.loads(json.dumps(later))[CHECKPOINT_SCORE] == UNRANKED
     # ranked by a training metric, or kept by age: nothing is made up
-    assert "eval_loss" not in checkpoint_metrics(history, 3, "loss")
-    assert "eval_loss" not in checkpoint_metrics(history, 3, None)
+    assert checkpoint_metrics(history, 3, "loss")[CHECKPOINT_SCORE] == 1.8
+    assert CHECKPOINT_SCORE not in checkpoint_metrics(history, 3, None)

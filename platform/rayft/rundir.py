@@ -112,6 +112,14 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:06d}"
 
 
+# The metric Ray Train ranks checkpoints by (run.checkpoint_metric of the checkpoint's own
+# weights, rayft.train.callbacks.checkpoint_metrics), and what a checkpoint without one scores:
+# finite, so that it survives Ray's JSON snapshot of its checkpoint list (NaN comes back as null,
+# which Ray cannot compare), and worse than any real value in either checkpoint_mode.
+CHECKPOINT_SCORE = "checkpoint_score"
+UNRANKED = 1e300
+
+
 def checkpoint_name(path: str) -> str:
     """runs/x/checkpoint_000040[/checkpoint] -> checkpoint_000040 (safe as a file name part)."""
     parts = [p for p in str(path).rstrip("/").split("/") if p]

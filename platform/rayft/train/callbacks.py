@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from transformers import TrainerCallback
 
 from rayft import storage
 from rayft.data.tokenize import IGNORE
-from rayft.rundir import RunDir, checkpoint_dir_name
+from rayft.rundir import CHECKPOINT_SCORE, UNRANKED, RunDir, checkpoint_dir_name
 
 
 def world_size() -> int:
@@ -118,9 +119,10 @@ class CheckpointReporter(RayTrainReportCallback):
     seconds = 0.0  # training time spent on checkpoints here (handing them to Ray; a sync upload too)
     urgent = False  # set by PreemptionCheckpoint for the next save
 
-    def __init__(self, score_metric: str | None = None):
+    def __init__(self, score_metric: str | None = None, mode: str = "min"):
         super().__init__()
-        self.score_metric = score_metric  # run.checkpoint_metric: Ray keeps the best checkpoints by it
+        # run.checkpoint_metric and run.checkpoint_mode: Ray keeps the best checkpoints by them
+        self.score_metric, self.mode = score_metric, mode
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         import ray.train
@@ -128,7 +130,7 @@ class CheckpointReporter(RayTrainReportCallback):
         from ray.train import CheckpointUploadMode
 
         started = time.time()
-        metrics = checkpoint_metrics(state.log_history, state.global_step, self.score_metric)
+        metrics = checkpoint_metrics(state.log_history, state.global_step, self.score_metric, self.mode)
         source = transformers.trainer.get_last_checkpoint(args.output_dir)
         # beside the trainer's checkpoints, so the move is a rename; not named checkpoint-N, so
         # neither the trainer's rotation nor get_last_checkpoint ever sees it
@@ -151,21 +153,27 @@ class CheckpointReporter(RayTrainReportCallback):
         self.seconds += time.time() - started
 
 
-def checkpoint_metrics(log_history: list[dict[str, Any]], step: int, score_metric: str | None) -> dict[str, Any]:
-    """The newest value of every logged metric, for the checkpoint of `step`. Evaluation metrics
-    only from an evaluation of these weights: a checkpoint that was not evaluated (the default
-    cadence skips some, rayft.spec.StepPlan) must not be ranked by an older checkpoint's loss.
-    Its score metric is NaN, which Ray ranks below every number (the latest checkpoint is kept
-    whatever its score)."""
+def checkpoint_metrics(
+    log_history: list[dict[str, Any]], step: int, score_metric: str | None, mode: str = "min"
+) -> dict[str, Any]:
+    """The newest value of every logged metric, for the checkpoint of `step`, and its rank score
+    (CHECKPOINT_SCORE: `score_metric`'s value). Evaluation metrics only from an evaluation of these
+    weights: a checkpoint that was not evaluated (the default cadence skips some, rayft.spec.
+    StepPlan) must not be ranked by an older checkpoint's loss; it scores UNRANKED, below every
+    evaluated one (Ray keeps the latest checkpoint whatever its score)."""
     metrics: dict[str, Any] = {}
     for log in log_history:
         metrics.update(log)
     evaluation = next((log for log in reversed(log_history) if "eval_loss" in log), None)
     if evaluation is None or evaluation.get("step") != step:
         metrics = {key: value for key, value in metrics.items() if not key.startswith("eval_")}
-        if score_metric and score_metric.startswith("eval_"):
-            metrics[score_metric] = float("nan")
     metrics["step"] = step
+    if score_metric:
+        value = metrics.get(score_metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            metrics[CHECKPOINT_SCORE] = float(value)
+        else:
+            metrics[CHECKPOINT_SCORE] = -UNRANKED if mode == "max" else UNRANKED
     return metrics
 
 

@@ -16,7 +16,7 @@ import yaml
 from rayft import storage
 from rayft.env import Target, runtime_env
 from rayft.errors import RayftError, user_error_in
-from rayft.rundir import delete_for_fresh_start, mark, storage_root
+from rayft.rundir import CHECKPOINT_SCORE, delete_for_fresh_start, mark, storage_root
 from rayft.spec import JobSpec
 from rayft.train.result import RunSummary
 from rayft.train.run import RunPlan, Trial, plan_run
@@ -136,7 +136,7 @@ def run_config(plan: RunPlan, callbacks: list[Any] | None = None) -> Any:
         storage_filesystem=filesystem,
         checkpoint_config=CheckpointConfig(
             num_to_keep=spec.run.checkpoints_to_keep,
-            checkpoint_score_attribute=metric,
+            checkpoint_score_attribute=CHECKPOINT_SCORE if metric else None,  # metric's value (CheckpointReporter)
             checkpoint_score_order=spec.run.checkpoint_mode,
         ),
         failure_config=FailureConfig(
