@@ -127,8 +127,7 @@ def run_config(plan: RunPlan, callbacks: list[Any] | None = None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     spec = plan.spec
-    # Keeping the best checkpoints by eval_loss needs an evaluation; without one, the latest.
-    metric = spec.run.checkpoint_metric if plan.has_eval or spec.run.checkpoint_metric != "eval_loss" else None
+    metric = plan.checkpoint_metric
     root, filesystem = storage.for_ray(str(storage_root(spec)))
     return RunConfig(
         name=spec.run_name,

@@ -140,7 +140,7 @@ class SFTRecipe:
             hang = callbacks.InjectedHang(int(os.environ[HANG_AT_STEP_HOOK]), self.rank, self.resumed_from_step == 0)
             trainer.add_callback(hang)
         trainer.add_callback(callbacks.HangWatchdog(self.spec.run.hang_timeout_s, self.services.board, self.rank))
-        self.reporter = callbacks.CheckpointReporter(self.spec.run.checkpoint_metric, self.spec.run.checkpoint_mode)
+        self.reporter = callbacks.CheckpointReporter(self.plan.checkpoint_metric, self.spec.run.checkpoint_mode)
         trainer.add_callback(callbacks.PreemptionCheckpoint(self.reporter, self.services.board, self.rank))
         trainer.add_callback(self.reporter)
         self.timeline = self.tracked = None

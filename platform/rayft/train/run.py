@@ -68,6 +68,13 @@ class RunPlan:
         return self.prepared.eval_rows > 0
 
     @property
+    def checkpoint_metric(self) -> str | None:
+        """What Ray keeps the best checkpoints by: run.checkpoint_metric, unless it is eval_loss
+        and there is nothing to evaluate (then the latest are kept)."""
+        metric = self.spec.run.checkpoint_metric
+        return metric if self.has_eval or metric != "eval_loss" else None
+
+    @property
     def tracker_key(self) -> str:
         """Names this run's W&B run in the tracker (a sweep's tracker holds one per trial)."""
         return f"{self.run_dir.path}#{self.trial.name if self.trial else ''}"
