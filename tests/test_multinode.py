@@ -176,8 +176,9 @@ class Output:
     def text(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, words: str, timeout: float) -> None:
-        self._wait(lambda: words in self.text, f"{words!r} in the run's output", timeout)
+    def wait_for(self, words: str, timeout: float, since: int = 0) -> None:
+        """Until `words` are in the output, from line `since` on."""
+        self._wait(lambda: words in "".join(self.lines[since:]), f"{words!r} in the run's output", timeout)
 
     def wait_for_step(self, step: int, timeout: float) -> None:
         """Until the progress shows `step` or a later one (it prints what changed every 2 s)."""
@@ -290,9 +291,12 @@ def test_a_node_lost_and_back_mid_run_changes_nothing_but_the_time(
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-2000:]
 
     elastic = job_spec(tmp_path, tiny_llama, chat_data, "elastic", scaling={"num_workers": [1, 2], "resize_check_s": 5})
+    # While the node comes back (tens of seconds on a busy machine) no step ends, so the run is
+    # still going when it has joined, however long that took.
+    hold = tmp_path / "hold"
     run = Output(
         ["train", str(elastic), "--no-compare", "--address", multinode.address],
-        multinode.env(RAYFT_TEST_STEP_SECONDS="1.5"),
+        multinode.env(RAYFT_TEST_STEP_SECONDS="1.5", RAYFT_TEST_HOLD_FILE=str(hold)),
     )
     try:
         run.wait_for_step(5, timeout=300)
@@ -301,10 +305,15 @@ def test_a_node_lost_and_back_mid_run_changes_nothing_but_the_time(
         run.wait_for("on 1 worker(s)", timeout=300)  # the run goes on without it
         back = time.time() - lost
         run.wait_for_step(12, timeout=300)
+        hold.touch()
+        held_at = len(run.lines)
         multinode.start_node("b")
-        run.wait_for("on 2 worker(s))", timeout=300)  # ... and grows back when it returns
+        run.wait_for("loading model on 2 worker(s)", timeout=300, since=held_at)  # ... grows back when it returns
+        hold.unlink()
+        run.wait_for("on 2 worker(s))", timeout=300, since=held_at)  # ... and trains on both
         code = run.finish(timeout=600)
     finally:
+        hold.unlink(missing_ok=True)
         run.process.kill()
         if "b" not in multinode.nodes:
             multinode.start_node("b")

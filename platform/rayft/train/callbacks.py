@@ -392,14 +392,18 @@ class InjectedHang(TrainerCallback):
 
 
 class StepThrottle(TrainerCallback):
-    """Sleeps after every optimizer step (RAYFT_TEST_STEP_SECONDS): the fault-tolerance tests use
-    it to kill a worker at a known point of a run that is otherwise over in a second."""
+    """Sleeps after every optimizer step (RAYFT_TEST_STEP_SECONDS), and for as long as the file
+    `hold_file` exists (RAYFT_TEST_HOLD_FILE): the fault-tolerance tests use it to kill a worker at
+    a known point of a run that is otherwise over in a second, and to keep a run from finishing
+    while a node takes its time to come back."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, seconds: float, hold_file: str | None = None):
+        self.seconds, self.hold_file = seconds, hold_file
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         time.sleep(self.seconds)
+        while self.hold_file and os.path.exists(self.hold_file):
+            time.sleep(0.2)
 
 
 class MetricsToTracker(TrainerCallback):

@@ -39,6 +39,7 @@ from rayft.train.services import WorkerServices
 from rayft.train.trainer import MeteredSFTTrainer, sft_config
 
 STEP_SECONDS_HOOK = "RAYFT_TEST_STEP_SECONDS"  # test hook: sleep after each step (CONTRIBUTING.md)
+HOLD_FILE_HOOK = "RAYFT_TEST_HOLD_FILE"  # test hook: no step ends while this file exists
 HANG_AT_STEP_HOOK = "RAYFT_TEST_HANG_AT_STEP"  # test hook: the last rank hangs after that step
 
 
@@ -134,8 +135,9 @@ class SFTRecipe:
         trainer.add_callback(callbacks.LogAtCheckpoints())  # the run's train loss covers every step
         if samples:
             trainer.add_callback(samples)
-        if os.environ.get(STEP_SECONDS_HOOK):
-            trainer.add_callback(callbacks.StepThrottle(float(os.environ[STEP_SECONDS_HOOK])))
+        if os.environ.get(STEP_SECONDS_HOOK) or os.environ.get(HOLD_FILE_HOOK):
+            seconds = float(os.environ.get(STEP_SECONDS_HOOK) or 0)
+            trainer.add_callback(callbacks.StepThrottle(seconds, os.environ.get(HOLD_FILE_HOOK)))
         if os.environ.get(HANG_AT_STEP_HOOK):
             hang = callbacks.InjectedHang(int(os.environ[HANG_AT_STEP_HOOK]), self.rank, self.resumed_from_step == 0)
             trainer.add_callback(hang)
