@@ -2,7 +2,7 @@
 preparation, on the same 50,000 Alpaca records, same tokenizer and chat template, same
 completion-only masking, in one run.
 
-    python bench/prepare_throughput.py [--copies 10]
+    python bench/prepare_throughput.py [--copies 10] [--repeats 3]
 
 Data: ../shared/data/alpaca_5000.json repeated (each copy's instructions made unique).
 Tokenizer: SmolLM2-135M-Instruct's (49k vocabulary) with its ChatML template; max_length 1024.
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yaml  # noqa: E402
@@ -68,6 +69,7 @@ def make_data(copies: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     data = make_data(args.copies)
     with open(data) as handle:
@@ -92,44 +94,51 @@ def main() -> None:
         )
     )
     env = cli_env()
-
-    started = time.time()
-    subprocess.run([RAYFT, "prepare", str(spec_path), "--force"], check=True, env=env, capture_output=True)
-    rayft_wall = time.time() - started
     from rayft.data.prepared import read_stats
     from rayft.model import materialized_dir
     from rayft.spec import load_spec
 
     spec = load_spec(spec_path)
-    prepared = sorted((storage / "prepared").glob("*/stats.json"), key=lambda p: p.stat().st_mtime)[-1]
-    stats = read_stats(str(prepared.parent))
-    model_dir = materialized_dir(spec)
-
-    result = subprocess.run(
-        [sys.executable, "-c", TRL_SCRIPT, model_dir, str(data), str(cores)],
-        check=True,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    trl = json.loads(result.stdout.strip().splitlines()[-1])
+    # The machine's speed drifts by tens of percent within minutes: each repeat runs both sides
+    # back to back, and the table gives medians.
+    pipeline, wall, trl_seconds, samples, trl_rows = [], [], [], 0, 0
+    for _ in range(args.repeats):
+        started = time.time()
+        subprocess.run([RAYFT, "prepare", str(spec_path), "--force"], check=True, env=env, capture_output=True)
+        wall.append(time.time() - started)
+        prepared = sorted((storage / "prepared").glob("*/stats.json"), key=lambda p: p.stat().st_mtime)[-1]
+        stats = read_stats(str(prepared.parent))
+        pipeline.append(stats["seconds"])
+        samples = stats["splits"]["train"]["samples"]
+        result = subprocess.run(
+            [sys.executable, "-c", TRL_SCRIPT, materialized_dir(spec), str(data), str(cores)],
+            check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        trl = json.loads(result.stdout.strip().splitlines()[-1])
+        trl_seconds.append(trl["seconds"])
+        trl_rows = trl["rows"]
 
     rows = {
-        "rayft prepare (Ray Data, pipeline only)": (stats["seconds"], stats["splits"]["train"]["samples"]),
-        "rayft prepare (whole command: Python, Ray start, pipeline)": (rayft_wall, stats["splits"]["train"]["samples"]),
-        f"TRL SFTTrainer preparation (num_proc={cores})": (trl["seconds"], trl["rows"]),
+        "rayft prepare (Ray Data, pipeline only)": (pipeline, samples),
+        "rayft prepare (whole command: Python, Ray start, pipeline)": (wall, samples),
+        f"TRL SFTTrainer preparation (num_proc={cores})": (trl_seconds, trl_rows),
     }
-    lines = ["| | seconds | samples | records/s |", "|---|---|---|---|"]
-    for name, (seconds, samples) in rows.items():
-        lines.append(f"| {name} | {seconds:.1f} | {samples:,} | {records / seconds:,.0f} |")
-    pipeline_ratio = trl["seconds"] / stats["seconds"]
-    wall_ratio = trl["seconds"] / rayft_wall
+    lines = ["| | seconds (median) | each run | samples | records/s |", "|---|---|---|---|---|"]
+    for name, (seconds, count) in rows.items():
+        each = ", ".join(f"{x:.1f}" for x in seconds)
+        lines.append(f"| {name} | {median(seconds):.1f} | {each} | {count:,} | {records / median(seconds):,.0f} |")
+    pipeline_ratio = median(trl_seconds) / median(pipeline)
+    wall_ratio = median(trl_seconds) / median(wall)
+    paired = ", ".join(f"{t / p:.2f}" for t, p in zip(trl_seconds, pipeline))
     text = (
         f"# Preprocessing throughput: {records:,} Alpaca records\n\n"
         + __doc__.split("\n\n")[2]
-        + "\n\n"
+        + f"\n{args.repeats} repeats, each rayft then TRL back to back; medians.\n\n"
         + "\n".join(lines)
-        + f"\n\n- rayft pipeline vs TRL: **{pipeline_ratio:.2f}x** the records/s"
+        + f"\n\n- rayft pipeline vs TRL: **{pipeline_ratio:.2f}x** the records/s (each repeat: {paired})"
         f"\n- whole `rayft prepare` command vs TRL: **{wall_ratio:.2f}x**"
         f"\n- rayft also filters (dedup, empty replies, placeholders: {stats['counts']}) and writes a parquet "
         "cache every worker, restart and sweep trial reuses; TRL prepares again in every process.\n"

@@ -333,3 +333,59 @@ def _diff(tokenizer, ids, got, want) -> str:
         f"{i}: {tokenizer.decode([t])!r} got={g} want={w}" for i, (t, g, w) in enumerate(zip(ids, got, want)) if g != w
     ]
     return "labels differ at\n" + "\n".join(rows[:20])
+
+
+def test_ids_and_offsets_straight_from_the_rust_tokenizer_equal_transformers(tokenizers) -> None:
+    """The fast path skips transformers' per-sequence conversion, not anything it does: same ids
+    and offsets, also from a tokenizer whose Rust half has truncation set (transformers turns it
+    off for a call without truncation; the fast path would not)."""
+    from rayft.data.tokenize import _ids_and_offsets
+
+    texts = ["<|im_start|>user\nHi there<|im_end|>\n", "Once upon a time, a fox. " * 20, "", "naïve café ✓"]
+    for name, tokenizer in tokenizers.items():
+        if not tokenizer.is_fast:
+            continue
+        batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        want = [(list(i), [tuple(o) for o in offs]) for i, offs in zip(batch["input_ids"], batch["offset_mapping"])]
+        assert _ids_and_offsets(tokenizer, texts) == want, name
+    tokenizer = tokenizers["bpe+chatml specials (tiny)"]
+    tokenizer.backend_tokenizer.enable_truncation(max_length=4)
+    try:
+        got = _ids_and_offsets(tokenizer, texts)
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()
+    assert max(len(ids) for ids, _ in got) > 4
+    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    assert [ids for ids, _ in got] == [list(ids) for ids in batch["input_ids"]]
+
+
+def test_a_data_worker_loads_the_drivers_tokenizer_class_without_importing_torch(
+    tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """AutoTokenizer imports torch to choose a class (3-4 s in every data worker); given the class
+    the driver's AutoTokenizer chose, a worker loads the same tokenizer without it."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import spec_dict, write_spec
+    from rayft.model.tokenizer import load_tokenizer
+    from rayft.spec import load_spec
+
+    spec_path = write_spec(tmp_path / "spec.yaml", spec_dict(tiny_llama, chat_data, tmp_path / "runs"))
+    driver = load_tokenizer(load_spec(spec_path))
+    assert type(driver).__name__ == "TokenizersBackend"
+    code = (
+        "import json, sys\n"
+        "from rayft.model.tokenizer import load_tokenizer\n"
+        "from rayft.spec import load_spec\n"
+        f"tokenizer = load_tokenizer(load_spec({str(spec_path)!r}), resolved_class='TokenizersBackend')\n"
+        "ids = tokenizer('<|im_start|>user\\nOnce upon a time<|im_end|>', add_special_tokens=False)['input_ids']\n"
+        "print(json.dumps([type(tokenizer).__name__, 'torch' in sys.modules, ids, tokenizer.pad_token]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, imported_torch, ids, pad = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (name, imported_torch) == ("TokenizersBackend", False)
+    assert ids == driver("<|im_start|>user\nOnce upon a time<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert pad == driver.pad_token

@@ -66,7 +66,7 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False, log: Callable
     staging = _staging_for(entry.root, started)
     try:
         with _Progress(ledger, log):
-            dataset = _pipeline(spec, tokenizer.name_or_path, entry, chunks, options, ledger)
+            dataset = _pipeline(spec, tokenizer, entry, chunks, options, ledger)
             target, filesystem = storage.for_ray(staging)  # credentials travel inside the filesystem
             dataset.write_parquet(
                 target, filesystem=filesystem, partition_cols=["split"], ray_remote_args=_remote_args(spec)
@@ -91,7 +91,7 @@ def _remote_args(spec: JobSpec) -> dict[str, Any]:
 
 def _pipeline(
     spec: JobSpec,
-    tokenizer_dir: str,
+    tokenizer: Any,
     entry: CacheEntry,
     chunks: list[Any],
     options: list[stages.SourceOptions],
@@ -113,7 +113,8 @@ def _pipeline(
         stages.encode_batch,
         fn_kwargs={
             "spec": spec,
-            "model_dir": tokenizer_dir,
+            "model_dir": tokenizer.name_or_path,
+            "tokenizer_class": type(tokenizer).__name__,
             "template": entry.template,
             "ledger": ledger,
             "secrets": secrets,

@@ -299,9 +299,18 @@ class Encoder:
     its file:line and counted by reason (`rejected:<reason>`); the pipeline stops before training
     on any rejection unless data.on_error is skip (rayft.data.prepare)."""
 
-    def __init__(self, spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any, secrets: Any = None):
+    def __init__(
+        self,
+        spec: Any,
+        model_dir: str,
+        template: ChatTemplate | None,
+        ledger: Any,
+        secrets: Any = None,
+        tokenizer_class: str | None = None,
+    ):
         adopt_secrets(secrets)  # a hub tokenizer may need HF_TOKEN
-        self.records = RecordEncoder(spec.data, template, load_tokenizer(spec, model_dir))
+        tokenizer = load_tokenizer(spec, model_dir, resolved_class=tokenizer_class)
+        self.records = RecordEncoder(spec.data, template, tokenizer)
         self.data, self.ledger = spec.data, ledger
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -424,16 +433,23 @@ _ENCODERS: dict[str, Encoder] = {}  # per worker process: tasks reuse the tokeni
 
 
 def encode_batch(
-    batch: pa.Table, *, spec: Any, model_dir: str, template: ChatTemplate | None, ledger: Any, secrets: Any = None
+    batch: pa.Table,
+    *,
+    spec: Any,
+    model_dir: str,
+    template: ChatTemplate | None,
+    ledger: Any,
+    secrets: Any = None,
+    tokenizer_class: str | None = None,
 ) -> pa.Table:
     """Ray Data's map function for the encode stage: a plain function, so it runs in the read
     tasks themselves (an actor pool would wait on a read task holding a CPU; on 2 cores that
-    left one encoder doing all the work)."""
+    left one encoder doing all the work). `tokenizer_class`: the one the driver's tokenizer has."""
     key = json.dumps([model_dir, template.source if template else None, spec.data.model_dump(mode="json")])
     encoder = _ENCODERS.get(key)
     if encoder is None:
         _ENCODERS.clear()  # one job's encoder at a time in a worker process
-        encoder = _ENCODERS[key] = Encoder(spec, model_dir, template, ledger, secrets)
+        encoder = _ENCODERS[key] = Encoder(spec, model_dir, template, ledger, secrets, tokenizer_class)
     encoder.ledger = ledger  # this run's ledger (a cached encoder may have served an earlier run)
     return encoder(batch)
 

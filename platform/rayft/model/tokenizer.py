@@ -8,16 +8,29 @@ from rayft.errors import ModelError
 from rayft.model.source import ModelSource, resolve_source
 from rayft.spec import JobSpec, ModelSpec
 
+# The generic fast tokenizer: where AutoTokenizer chose it, it loads without AutoTokenizer's own
+# imports (transformers' configuration modules import torch: 3-4 s in every data worker).
+GENERIC_CLASS = "TokenizersBackend"
 
-def load_tokenizer(spec: JobSpec, model_dir: str | None = None) -> Any:
-    from transformers import AutoTokenizer
+
+def load_tokenizer(spec: JobSpec, model_dir: str | None = None, *, resolved_class: str | None = None) -> Any:
+    """`resolved_class`: the class name AutoTokenizer chose for the same files in another process
+    (the driver's tokenizer, passed to the data workers)."""
+    if resolved_class == GENERIC_CLASS:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        loader: Any = TokenizersBackend
+    else:
+        from transformers import AutoTokenizer
+
+        loader = AutoTokenizer
 
     if spec.model.tokenizer:
         source = resolve_source(ModelSpec(path=spec.model.tokenizer), field="model.tokenizer")
     else:
         source = ModelSource(model_dir) if model_dir else resolve_source(spec.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer = loader.from_pretrained(
             source.location,
             revision=spec.model.revision,
             trust_remote_code=spec.model.trust_remote_code,
