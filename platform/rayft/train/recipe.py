@@ -33,6 +33,7 @@ from rayft.train import callbacks
 from rayft.train.deepspeed import deepspeed_config
 from rayft.train.deepspeed_ops import load_ops, ops_needed
 from rayft.train.epoch import whole_steps
+from rayft.train.lm_head import compact_fused_lm_head
 from rayft.train.result import RunResult
 from rayft.train.run import RunPlan
 from rayft.train.services import WorkerServices
@@ -121,6 +122,7 @@ class SFTRecipe:
             meter=self.meter,
             sample_log=samples,
         )
+        compact_fused_lm_head(self.trainer.model)  # CPU: the LM head scores labelled positions only
         if spec.method.fsdp is not None and not self.trainer.is_fsdp_enabled:
             # accelerate drops an FSDP plugin it cannot use without a word; never train unsharded instead
             raise RuntimeError(
