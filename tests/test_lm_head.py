@@ -5,6 +5,7 @@ machine; the vocabulary projection multiplies only the labelled tokens' rows."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,24 +13,14 @@ import torch
 
 from rayft.train.lm_head import compact_fused_lm_head
 
-VOCAB, LENGTH = 1000, 40
+LENGTH = 40
 
 
 @pytest.fixture(scope="module")
-def base() -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def base(tiny_llama: Path) -> Any:
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama)  # tied embeddings, as SmolLM2's
 
 
 def lora_model(base: Any, compact: bool) -> Any:
@@ -46,9 +37,9 @@ def lora_model(base: Any, compact: bool) -> Any:
     return model.train()
 
 
-def batch() -> dict[str, torch.Tensor]:
+def batch(vocab: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(2)
-    ids = torch.randint(0, VOCAB, (2, LENGTH))
+    ids = torch.randint(0, vocab, (2, LENGTH))
     labels = ids.clone()
     labels[:, :25] = -100  # the prompts
     labels[1, 30:33] = -100  # and a second turn's
@@ -61,7 +52,7 @@ def test_loss_outputs_and_gradients_are_trls(base: Any, autocast: bool) -> None:
     for compact in (False, True):
         model = lora_model(base, compact)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(**batch(), fused_lm_head=True, use_cache=False)
+            out = model(**batch(base.config.vocab_size), fused_lm_head=True, use_cache=False)
         out.loss.backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results.append((out, grads))
@@ -76,28 +67,30 @@ def test_loss_outputs_and_gradients_are_trls(base: Any, autocast: bool) -> None:
 
 
 def test_only_labelled_positions_are_projected_onto_the_vocabulary(base: Any) -> None:
+    vocab = base.config.vocab_size
+
     def projected_rows(model: Any) -> int:
-        """Token rows the kernel multiplied with the vocabulary (the matmuls whose output is VOCAB wide)."""
+        """Token rows the kernel multiplied with the vocabulary (the matmuls whose output is vocab wide)."""
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            model(**batch(), fused_lm_head=True, use_cache=False)
+            model(**batch(vocab), fused_lm_head=True, use_cache=False)
         tiles = [e.input_shapes for e in prof.events() if e.name in ("aten::mm", "aten::addmm_")]
-        return sum(shapes[0][0] for shapes in tiles if shapes[1][-1] == VOCAB)
+        return sum(shapes[0][0] for shapes in tiles if shapes[1][-1] == vocab)
 
-    labelled = int((batch()["labels"][:, 1:] != -100).sum())
+    labelled = int((batch(vocab)["labels"][:, 1:] != -100).sum())
     assert projected_rows(lora_model(base, compact=False)) == 2 * (LENGTH - 1)
     assert projected_rows(lora_model(base, compact=True)) == labelled == 27
 
 
 def test_a_micro_batch_without_labels_and_plain_forwards_go_to_trl(base: Any) -> None:
     model = lora_model(base, compact=True)
-    inputs = batch()
+    inputs = batch(base.config.vocab_size)
     inputs["labels"][:] = -100
     out = model(**inputs, fused_lm_head=True, use_cache=False)
     assert float(out.loss) == 0.0 and not out.label_mask.any()
     logits = model(input_ids=inputs["input_ids"]).logits  # generation's forward: full logits, untouched
-    assert logits.shape == (2, LENGTH, VOCAB)
+    assert logits.shape == (2, LENGTH, base.config.vocab_size)
 
 
 def test_a_model_whose_logits_are_capped_keeps_trls_head(base: Any) -> None:

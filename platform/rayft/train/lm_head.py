@@ -56,26 +56,26 @@ def compact_fused_lm_head(model: Any, outputs: tuple[str, ...] = OUTPUTS) -> boo
         num_items_in_batch: Any = None,
         **kwargs: Any,
     ) -> Any:
-        weight = self.get_output_embeddings().weight
-        if not fused_lm_head or labels is None or shift_labels is not None or not _compacts(weight, labels):
-            return trl_forward(
-                *args,
-                fused_lm_head=fused_lm_head,
-                labels=labels,
-                shift_labels=shift_labels,
-                num_items_in_batch=num_items_in_batch,
-                **kwargs,
-            )
-        return _labelled_only(self, args, kwargs, labels, num_items_in_batch, outputs)
+        if fused_lm_head and labels is not None and shift_labels is None and _compacts(self, labels):
+            return _labelled_only(self, args, kwargs, labels, num_items_in_batch, outputs)
+        return trl_forward(
+            *args,
+            fused_lm_head=fused_lm_head,
+            labels=labels,
+            shift_labels=shift_labels,
+            num_items_in_batch=num_items_in_batch,
+            **kwargs,
+        )
 
     inner.forward = types.MethodType(forward, inner)
     return True
 
 
-def _compacts(weight: torch.Tensor, labels: torch.Tensor) -> bool:
+def _compacts(model: Any, labels: torch.Tensor) -> bool:
     """CPU (a Triton device compacts in TRL already), a plain weight, and at least one label."""
     from torch.distributed.tensor import DTensor
 
+    weight = model.get_output_embeddings().weight
     return weight.device.type == "cpu" and not isinstance(weight, DTensor) and bool((labels[:, 1:] != -100).any())
 
 
