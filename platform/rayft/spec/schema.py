@@ -17,6 +17,9 @@ from rayft.errors import SpecError
 from rayft.spec.secrets import redact
 from rayft.storage import check_scheme
 
+# An evaluation forward pass keeps no activations for a backward pass, so by default it takes this
+# many times a training micro-batch: fewer, fuller passes over the held-out split.
+EVAL_BATCH_FACTOR = 4
 # The default evaluation cadence keeps evaluation within this share of the training compute; an
 # evaluated token costs one forward pass, about a third of a trained one (forward and backward).
 EVAL_SHARE = 0.1
@@ -352,6 +355,16 @@ class TrainSpec(Section):
         "training compute (the final weights always).",
     )
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints; default: four a run.")
+    eval_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Rows of up to data.max_length tokens per evaluation forward pass, per worker; default "
+        f"{EVAL_BATCH_FACTOR}x micro_batch_size (evaluation keeps no activations for a backward pass).",
+    )
+
+    @property
+    def eval_rows(self) -> int:
+        return self.eval_batch_size or EVAL_BATCH_FACTOR * self.micro_batch_size
 
     @field_validator("lr_scheduler")
     @classmethod
