@@ -89,6 +89,10 @@ def connect(
             port = free_port() if dashboard else None
             if port:
                 os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            # Ray Train's preemption watcher is one more actor process (2.6 CPU-s, started while the
+            # workers import; bench/results/startup.md) that waits for drain notices. This
+            # instance's only node is this machine, which no autoscaler drains.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             ray.init(
                 address="local",
                 num_cpus=num_cpus or os.cpu_count(),

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import yaml
 
 from rayft import storage
-from rayft.data.prepare import prepare
 from rayft.data.prepared import Prepared
 from rayft.errors import SpecError
 from rayft.model import load_tokenizer, materialized_dir
+from rayft.model.loading import needs_bitsandbytes
 from rayft.rundir import RunDir
 from rayft.spec import JobSpec, StepPlan, anchored
 from rayft.spec.yamlfile import differences
@@ -62,6 +62,7 @@ class RunPlan:
     waiting: str | None = None  # what the cluster still lacks, when an autoscaler can add it
     started_at: float = 0.0  # when planning began: the run's wall time counts from here
     trial: Trial | None = None
+    bitsandbytes: bool = True  # whether training uses it (rayft.model.loading.needs_bitsandbytes)
 
     @property
     def has_eval(self) -> bool:
@@ -95,6 +96,8 @@ def plan_run(
     resume_from = latest_checkpoint(run_dir) if resume and not fresh else None
     if resume_from:
         check_resumable(spec, run_dir, log)
+    from rayft.data.prepare import prepare  # the driver's: workers unpickle plans without Ray Data
+
     model_dir = materialized_dir(spec)
     prepared = prepare(spec, load_tokenizer(spec, model_dir), log=log)
     precision, why = resolve_precision(spec, model_width(model_dir))
@@ -116,6 +119,7 @@ def plan_run(
         waiting=waiting,
         started_at=started_at,
         trial=trial,
+        bitsandbytes=needs_bitsandbytes(spec, model_dir),
     )
 
 
