@@ -197,39 +197,3 @@ def test_an_epoch_of_whole_steps_trains_every_sample_once_at_any_worker_count() 
     # without the top-up, the same sharding trains samples twice: the defect this guards against
     shards = [shard(split, 2, rank) for rank in (0, 1)]
     assert sum(len(batch) for rank in shards for batch in rank) > rows
-
-
-def test_bitsandbytes_is_needed_by_qlora_its_optimizers_and_checkpoints_quantized_with_it(tmp_path: Path) -> None:
-    from rayft.model.loading import needs_bitsandbytes
-
-    plain, quantized = tmp_path / "plain", tmp_path / "quantized"
-    for path, config in ((plain, {"hidden_size": 8}), (quantized, {"quantization_config": {"load_in_4bit": True}})):
-        path.mkdir()
-        (path / "config.json").write_text(json.dumps(config))
-    assert not needs_bitsandbytes(spec(), str(plain))
-    assert not needs_bitsandbytes(spec(method={"kind": "full"}), str(plain))
-    assert needs_bitsandbytes(spec(method={"kind": "qlora"}), str(plain))
-    for optimizer in ("adamw_bnb_8bit", "paged_adamw_32bit", "lion_8bit", "ademamix"):
-        assert needs_bitsandbytes(spec(train={"optimizer": optimizer}), str(plain)), optimizer
-    assert needs_bitsandbytes(spec(), str(quantized))
-    assert needs_bitsandbytes(spec(), str(tmp_path / "a-hub-id-not-here"))  # cannot tell: keep it
-
-
-def test_a_worker_without_bitsandbytes_builds_a_lora_model(tiny_llama: Path) -> None:
-    """As train_loop_per_worker hides it: the recipe imports and LoRA loads, and nothing imports it."""
-    import subprocess
-    import sys
-
-    code = f"""
-import sys
-sys.modules["bitsandbytes"] = None
-import rayft.train.recipe
-from rayft.model import load_model
-from rayft.spec import load_spec
-spec = load_spec(data={{"model": {{"path": {str(tiny_llama)!r}}}, "data": {{"train": "d.jsonl"}}}})
-model = load_model(spec, {str(tiny_llama)!r}, "sdpa")
-print(type(model).__name__, sum(p.numel() for p in model.parameters() if p.requires_grad) > 0, sys.modules["bitsandbytes"])
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-3:] == ["PeftModelForCausalLM", "True", "None"], out.stdout

@@ -3,30 +3,11 @@ evaluation, export and the planner), 4-bit quantization for QLoRA, and LoRA adap
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from rayft.errors import ModelError
 from rayft.model.attention import resolve_attention
 from rayft.spec import JobSpec
-
-
-# transformers' optimizers that bitsandbytes implements (OptimizerNames): 8-bit and paged AdamW,
-# Lion, AdEMAMix, RMSprop
-BNB_OPTIMIZER_WORDS = ("bnb", "8bit", "32bit", "paged", "lion", "ademamix")
-
-
-def needs_bitsandbytes(spec: JobSpec, model_dir: str) -> bool:
-    """Whether training `spec` on `model_dir` uses bitsandbytes: QLoRA, one of its optimizers,
-    or a checkpoint quantized with it (or one whose config.json is not at hand to tell)."""
-    if spec.method.kind == "qlora" or any(word in spec.train.optimizer for word in BNB_OPTIMIZER_WORDS):
-        return True
-    path = Path(model_dir, "config.json")
-    if not path.is_file():
-        return True
-    config = json.loads(path.read_text())
-    return "quantization_config" in config or "quantization_config" in config.get("text_config", {})
 
 
 def weight_dtype(spec: JobSpec) -> str:

@@ -22,7 +22,6 @@ from rayft import storage
 from rayft.data.prepared import Prepared
 from rayft.errors import SpecError
 from rayft.model import load_tokenizer, materialized_dir
-from rayft.model.loading import needs_bitsandbytes
 from rayft.rundir import RunDir
 from rayft.spec import JobSpec, StepPlan, anchored
 from rayft.spec.yamlfile import differences
@@ -62,7 +61,6 @@ class RunPlan:
     waiting: str | None = None  # what the cluster still lacks, when an autoscaler can add it
     started_at: float = 0.0  # when planning began: the run's wall time counts from here
     trial: Trial | None = None
-    bitsandbytes: bool = True  # whether training uses it (rayft.model.loading.needs_bitsandbytes)
 
     @property
     def has_eval(self) -> bool:
@@ -119,7 +117,6 @@ def plan_run(
         waiting=waiting,
         started_at=started_at,
         trial=trial,
-        bitsandbytes=needs_bitsandbytes(spec, model_dir),
     )
 
 

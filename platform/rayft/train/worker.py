@@ -6,7 +6,6 @@ not import TRL: the recipe's imports are paid on the workers only.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 
@@ -18,10 +17,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> Any:
     refuse again on every restart, so it is returned, not raised: Ray's failure budget is for
     crashes, hangs and lost nodes. Every rank refuses alike, since each decides from the same
     spec on the same kind of node."""
-    if not config["plan"].bitsandbytes:
-        # peft and transformers import bitsandbytes whenever it is installed: a CPU-second of
-        # each worker's start (bench/results/startup.md) for a run that never calls it
-        sys.modules.setdefault("bitsandbytes", None)
     from rayft.errors import RayftError
     from rayft.train.recipe import SFTRecipe
 
