@@ -338,13 +338,15 @@ def test_a_drained_node_gets_a_checkpoint_in_its_notice_and_no_step_is_lost(
 ) -> None:
     """No periodic checkpoint (save_every 100): the one the run resumes from was written in the
     notice period, at most one step before the node went."""
+    epochs = 3
+    steps = epochs * STEPS_PER_EPOCH
     spec = job_spec(
         tmp_path,
         tiny_llama,
         chat_data,
         "drained",
         scaling={"num_workers": [1, 2], "resize_check_s": 600},
-        train={"max_steps": 40, "epochs": 5, "save_every": 100},
+        train={"max_steps": steps, "epochs": epochs, "save_every": 100},
     )
     command = ["train", str(spec), "--no-compare", "--address", multinode.address]
     run = Output(command, multinode.env(RAYFT_TEST_STEP_SECONDS="1.5"))
@@ -380,13 +382,14 @@ def test_a_drained_node_gets_a_checkpoint_in_its_notice_and_no_step_is_lost(
     drained_at = int(re.search(r"is being drained.*from step (\d+)", run.text).group(1))
     # the step printed last before the node went finished; only its checkpoint may have been cut off
     assert summary["resumed_from_step"] >= max(drained_at, before - 1), run.text[-4000:]
-    assert summary["steps"] == 40 and summary["workers"][-1] == 1 and summary["restarts"] >= 1
+    assert summary["steps"] == steps and summary["workers"][-1] == 1 and summary["restarts"] >= 1
     print(
         f"drain notice at step {drained_at}, node gone after step {before}, resumed from step "
         f"{summary['resumed_from_step']}; recovery {summary['recovery_seconds']} s"
     )
     trained = samples_by_step("drained")
-    assert sorted(trained) == list(range(1, 41))
-    for epoch in range(5):
-        ids = [i for step in range(epoch * 8 + 1, epoch * 8 + 9) for i in trained[step]]
+    assert sorted(trained) == list(range(1, steps + 1))
+    for epoch in range(epochs):
+        first = epoch * STEPS_PER_EPOCH + 1
+        ids = [i for step in range(first, first + STEPS_PER_EPOCH) for i in trained[step]]
         assert len(ids) == len(set(ids)) == 64, f"epoch {epoch}: a sample repeated or skipped"
