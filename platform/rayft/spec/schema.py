@@ -18,8 +18,11 @@ from rayft.spec.secrets import redact
 from rayft.storage import check_scheme
 
 # An evaluation forward pass keeps no activations for a backward pass, so by default it takes this
-# many times a training micro-batch: fewer, fuller passes over the held-out split.
-EVAL_BATCH_FACTOR = 4
+# many times a training micro-batch: fewer, fuller passes (a GPU's utilization; on CPU the pass
+# size barely matters). Not more: with gradient checkpointing, training holds one layer's
+# activations of a micro-batch plus every layer's input, and twice one layer's activations stays
+# about within that, so evaluation does not run out of memory where training did not.
+EVAL_BATCH_FACTOR = 2
 # The default evaluation cadence keeps evaluation within this share of the training compute; an
 # evaluated token costs one forward pass, about a third of a trained one (forward and backward).
 EVAL_SHARE = 0.1
