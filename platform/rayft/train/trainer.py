@@ -13,6 +13,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from rayft.data.tokenize import IGNORE
 from rayft.spec import JobSpec, StepPlan
 from rayft.spec.schema import FLASH_ATTENTION
 from rayft.train.callbacks import SampleLog, TokenMeter
@@ -87,18 +88,19 @@ class MeteredSFTTrainer(SFTTrainer):
         count = self._all_reduce(torch.tensor([float(len(batches))]), dist.ReduceOp.MAX) if world > 1 else None
         padding = int(count.item()) - len(batches) if count is not None else 0
         collate = PackedRows(self.processing_class.pad_token_id)
+        samples = dataset.select_columns(list(TOKEN_FIELDS))  # a sample read once, not once a field
         totals = torch.zeros(3, dtype=torch.float64)
         model, was_training = self.model, self.model.training
         model.eval()
         with torch.no_grad():
             for number, batch in enumerate([*batches, *[[[0]]] * padding]):
-                inputs = collate([[{k: dataset[i][k] for k in TOKEN_FIELDS} for i in row] for row in batch])
+                inputs = collate([[samples[i] for i in row] for row in batch])
                 inputs = {k: v.to(self.args.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
                 outputs = model(**inputs, use_cache=False, fused_lm_head=True)
                 if number < len(batches):
-                    samples = sum(len(row) for row in batch)
+                    scored = sum(len(row) for row in batch)
                     totals += torch.tensor(
-                        [float(-outputs.log_probs.double().sum()), float(outputs.label_mask.sum()), float(samples)],
+                        [float(-outputs.log_probs.double().sum()), float(outputs.label_mask.sum()), float(scored)],
                         dtype=torch.float64,
                     )
         model.train(was_training)
@@ -156,7 +158,7 @@ class PackedRows:
             return self.flat(rows[0])  # with the sequence boundaries varlen kernels read
         flat = [self.flat(row) for row in rows]
         width = max(row["input_ids"].shape[1] for row in flat)
-        fill = {"input_ids": self.pad_token_id, "labels": -100, "position_ids": 0}
+        fill = {"input_ids": self.pad_token_id, "labels": IGNORE, "position_ids": 0}
         return {
             key: torch.cat(
                 [torch.nn.functional.pad(row[key], (0, width - row[key].shape[1]), value=value) for row in flat]
