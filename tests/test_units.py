@@ -197,3 +197,40 @@ def test_an_epoch_of_whole_steps_trains_every_sample_once_at_any_worker_count() 
     # without the top-up, the same sharding trains samples twice: the defect this guards against
     shards = [shard(split, 2, rank) for rank in (0, 1)]
     assert sum(len(batch) for rank in shards for batch in rank) > rows
+
+
+@pytest.mark.parametrize("embedded", [None, "bare", "dashboard"])
+def test_ray_train_controller_starts_only_the_helpers_a_run_uses(embedded: str | None) -> None:
+    """Ray Train's own callbacks and scaling policy, as its trainer builds them: rayft passes no
+    Ray Datasets (no DatasetManager); on the embedded local Ray no autoscaler takes requests, and
+    a single run's (no dashboard, no State API) has no use for the placement-group cleaner."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, create_scaling_policy
+
+    from rayft.train.controller import RayftTorchTrainer, without_unused_helpers
+
+    def kwargs(scaling: ScalingConfig) -> dict:
+        trainer = RayftTorchTrainer(lambda: None, scaling_config=scaling, run_config=RunConfig(name="unit"))
+        return {"callbacks": trainer._create_default_callbacks(), "scaling_policy": create_scaling_policy(scaling)}
+
+    fixed = kwargs(ScalingConfig(num_workers=2))
+    kinds = {type(c) for c in fixed["callbacks"]}
+    assert {DatasetsCallback, PlacementGroupCleanerCallback} <= kinds  # what Ray Train would start
+    lean = without_unused_helpers(fixed, has_datasets=False, embedded=embedded)
+    left = {type(c) for c in lean["callbacks"]}
+    assert DatasetsCallback not in left
+    assert (PlacementGroupCleanerCallback in left) == (embedded != "bare")
+    assert left | {DatasetsCallback, PlacementGroupCleanerCallback} == kinds  # nothing else is dropped
+    policy = lean["scaling_policy"]
+    assert isinstance(policy, FixedScalingPolicy) and policy.scaling_config.num_workers == 2
+    assert (type(policy) is FixedScalingPolicy) == (embedded is None)  # sends autoscaler requests on a cluster
+    kept = without_unused_helpers(fixed, has_datasets=True, embedded=None)
+    assert {type(c) for c in kept["callbacks"]} == kinds
+
+    elastic = kwargs(ScalingConfig(num_workers=(1, 2)))
+    assert (
+        without_unused_helpers(elastic, has_datasets=False, embedded="bare")["scaling_policy"]
+        is elastic["scaling_policy"]
+    )  # elastic resizing asks the coordinator what the cluster holds: never replaced

@@ -52,6 +52,9 @@ STORAGE_ENV: dict[str, tuple[str, ...]] = {
 SECRET_STORAGE_SCHEMES = ("s3",)  # those whose credentials KubeRay pods read from the Secret
 WANDB_ENV = ("WANDB_MODE", "WANDB_BASE_URL")
 TEST_HOOK_PREFIX = "RAYFT_"
+# Set by rayft.launch.cluster in a process that starts the embedded local Ray, and so in every Ray
+# process of that instance: "bare" (a single run's, no dashboard) or "dashboard" (a sweep's).
+EMBEDDED_RAY_ENV = "RAYFT_EMBEDDED_RAY"
 
 
 class Target(Enum):
@@ -99,7 +102,7 @@ def env_names(spec: JobSpec, target: Target) -> list[str]:
         elif group == "wandb":
             names += WANDB_ENV
         elif group == "test_hooks":
-            names += [name for name in os.environ if name.startswith(TEST_HOOK_PREFIX)]
+            names += [name for name in os.environ if name.startswith(TEST_HOOK_PREFIX) and name != EMBEDDED_RAY_ENV]
     return list(dict.fromkeys(names))
 
 
@@ -158,6 +161,12 @@ def processes_inherit_environment(inherit: bool = True) -> None:
     inherits its environment (and nothing needs sharing)."""
     global _inherited
     _inherited = inherit
+
+
+def embedded_ray() -> str | None:
+    """ "bare" or "dashboard" when this job runs on the embedded local Ray its driver started
+    (one node, this machine, no autoscaler), None on a cluster."""
+    return os.environ.get(EMBEDDED_RAY_ENV) or None
 
 
 def share_secrets(spec: JobSpec) -> Any | None:

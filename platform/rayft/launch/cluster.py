@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from rayft.env import STORAGE_ENV, processes_inherit_environment
+from rayft.env import EMBEDDED_RAY_ENV, STORAGE_ENV, processes_inherit_environment
 from rayft.errors import ClusterError
 from rayft.quiet import quiet_driver, quiet_env
 from rayft.spec.secrets import is_secret_name
@@ -67,6 +67,7 @@ def connect(
         os.environ["RAY_AUTH_MODE"] = "token"  # a token is at hand: clusters of Ray >= 2.52 expect it
     try:
         if address:
+            os.environ.pop(EMBEDDED_RAY_ENV, None)  # not inherited from a process that started its own
             # Ship this rayft to the cluster's workers: what runs there is what was submitted,
             # whether or not the cluster's image has rayft installed.
             package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # rayft/
@@ -93,6 +94,8 @@ def connect(
             # workers import; bench/results/startup.md) that waits for drain notices. This
             # instance's only node is this machine, which no autoscaler drains.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            # Before ray.init: its processes inherit this environment (rayft.train.controller).
+            os.environ[EMBEDDED_RAY_ENV] = "dashboard" if dashboard else "bare"
             ray.init(
                 address="local",
                 num_cpus=num_cpus or os.cpu_count(),

@@ -44,12 +44,12 @@ def fit(
     plan: RunPlan, *, log: Log = print, callbacks: list[Any] | None = None, tracker: Any | None = None
 ) -> RunSummary:
     """Train as `plan` says and write <run>/summary.json."""
-    from ray.train.torch import TorchTrainer
+    from rayft.train.controller import RayftTorchTrainer
 
     started = plan.started_at or time.time()
     _begin(plan, log)
     with RunServices(plan, log, tracker=tracker) as services:
-        trainer = TorchTrainer(
+        trainer = RayftTorchTrainer(
             train_loop_per_worker,
             train_loop_config={"plan": plan, "services": services.for_workers},
             scaling_config=scaling_config(plan.spec),
