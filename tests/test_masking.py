@@ -359,6 +359,34 @@ def test_ids_and_offsets_straight_from_the_rust_tokenizer_equal_transformers(tok
     assert [ids for ids, _ in got] == [list(ids) for ids in batch["input_ids"]]
 
 
+def test_span_boundaries_from_the_rust_encoding_equal_a_search_of_every_offset(tokenizers) -> None:
+    """The fast path asks the Rust encoding for the tokens at the span boundaries only; the
+    first token starting at or after each position must be the one a search of all the offsets
+    finds, at every position of texts with byte-fallback characters, runs of whitespace, control
+    tokens and characters the tokenizer does not know."""
+    from rayft.data.tokenize import _direct, _Encoding, _Listed
+
+    texts = [
+        "<|im_start|>user\nHi  there,\n\n  naïve café ✓ 🦊🦊 ok<|im_end|>\n<|im_start|>assistant\n\t42 ∑x²<|im_end|>\n",
+        "Once upon a time 日本語 a fox.   \n",
+        "",
+    ]
+    checked = 0
+    for name, tokenizer in tokenizers.items():
+        if not tokenizer.is_fast or not _direct(tokenizer):
+            continue
+        for text in texts:
+            encoding = tokenizer._tokenizer.encode(text, add_special_tokens=False)
+            fast, listed = _Encoding(encoding, len(text)), _Listed(encoding.ids, encoding.offsets)
+            for position in range(len(text) + 1):
+                token = fast.first_from(position)
+                assert token == listed.first_from(position), (name, text, position)
+                if token < len(encoding.ids):
+                    assert fast.chars(token) == listed.chars(token)
+            checked += 1
+    assert checked >= 6  # every fast tokenizer of the fixture, every text
+
+
 def test_a_data_worker_loads_the_drivers_tokenizer_class_without_importing_torch(
     tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path
 ) -> None:

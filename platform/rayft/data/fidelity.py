@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from rayft.data.templates import ChatTemplate
-from rayft.data.tokenize import IGNORE, Encoded, RecordError, Rendered
+from rayft.data.tokenize import Encoded, RecordError, Rendered
 
 FIRST, EVERY = 64, 50  # records checked against apply_chat_template: the first FIRST, then 1 in EVERY
 
@@ -33,9 +33,9 @@ class FidelityCheck:
                 "no token of this conversation is trained (no assistant turn that data.train_on trains); "
                 "a sample without a trained token teaches nothing",
             )
-        if encoded.offsets is not None:
-            for span, reply in zip(item.spans, item.replies):
-                found = _span_problem(item.text, span, encoded)
+        if encoded.extents is not None:
+            for span, reply, extent in zip(item.spans, item.replies, encoded.extents):
+                found = _span_problem(item.text, span, extent)
                 if found:
                     return RecordError(found[0], f"{found[1]} (reply {item.text[reply[0] : reply[1]][:60]!r})")
         self.seen += 1
@@ -77,13 +77,12 @@ class FidelityCheck:
         return None
 
 
-def _span_problem(text: str, span: tuple[int, int], encoded: Encoded) -> tuple[str, str] | None:
-    assert encoded.offsets is not None
+def _span_problem(text: str, span: tuple[int, int], extent: tuple[int, int] | None) -> tuple[str, str] | None:
+    """`extent`: the characters of the span's trained tokens (Encoded.extents)."""
     start, end = span
-    trained = [(s, e) for (s, e), label in zip(encoded.offsets, encoded.labels) if label != IGNORE and start <= s < end]
-    if not trained:
+    if extent is None:
         return "reply_untrained", "no token of this reply is trained"
-    first, last = trained[0][0], max(e for _, e in trained)
+    first, last = extent
     if text[start:first].strip():
         return "reply_untrained", f"its start {text[start:first]!r} is not trained (a token runs across the prompt)"
     if last > end:

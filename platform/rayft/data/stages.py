@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -455,22 +456,41 @@ def encode_batch(
 
 
 def pack_rows(batch: pa.Table, max_length: int) -> pa.Table:
-    """Packing of the train rows of a window (rayft.data.packing.pack); eval rows pass unchanged."""
-    rows = batch.to_pylist()
-    train = [row for row in rows if row["split"] == "train"]
-    out: dict[str, list] = {name: [] for name in TOKENS_SCHEMA.names}
-    for row in rows:
-        if row["split"] != "train":
-            for name in TOKENS_SCHEMA.names:
-                out[name].append(row[name])
-    for bin_rows in pack([row["n_tokens"] for row in train], max_length):
-        members = [train[i] for i in sorted(bin_rows)]  # keep the original order inside a pack
-        out["split"].append("train")
-        out["input_ids"].append([t for m in members for t in m["input_ids"]])
-        out["labels"].append([t for m in members for t in m["labels"]])
-        out["seq_lengths"].append([m["n_tokens"] for m in members])
-        out["sample_ids"].append([s for m in members for s in m["sample_ids"]])
-        out["n_tokens"].append(sum(m["n_tokens"] for m in members))
-        out["n_trained"].append(sum(m["n_trained"] for m in members))
-        out["messages"].append(None)
-    return pa.table(out, schema=TOKENS_SCHEMA)
+    """Packing of the train rows of a window (rayft.data.packing.pack); eval rows pass unchanged.
+    The token lists are regrouped by Arrow offsets, never as Python lists (a token costs one int
+    object each way: a tenth of preparation)."""
+    batch = batch.combine_chunks()
+    is_train = pc.equal(batch.column("split"), "train")
+    rest, train = batch.filter(pc.invert(is_train)), batch.filter(is_train)
+    rest = rest.select(TOKENS_SCHEMA.names).cast(TOKENS_SCHEMA)
+    if not train.num_rows:
+        return rest
+    bins = pack(train.column("n_tokens").to_numpy().tolist(), max_length)
+    members = train.take(pa.array([i for b in bins for i in sorted(b)], pa.int64())).combine_chunks()
+    firsts = np.concatenate([[0], np.cumsum([len(b) for b in bins])]).astype(np.int64)  # each bin's first member
+
+    def joined(name: str) -> pa.Array:
+        """Each bin's members' lists of column `name`, concatenated in member order."""
+        column = members.column(name).chunk(0)
+        ends = np.concatenate([[0], np.cumsum(pc.list_value_length(column).to_numpy())])
+        return pa.ListArray.from_arrays(pa.array(ends[firsts], pa.int32()), pc.list_flatten(column))
+
+    def summed(name: str) -> pa.Array:
+        values = members.column(name).to_numpy()
+        return pa.array(np.add.reduceat(values, firsts[:-1]) if len(bins) else values[:0], pa.int32())
+
+    n_tokens = members.column("n_tokens").chunk(0)
+    packed = pa.table(
+        {
+            "split": pa.array(["train"] * len(bins), pa.string()),
+            "input_ids": joined("input_ids"),
+            "labels": joined("labels"),
+            "seq_lengths": pa.ListArray.from_arrays(pa.array(firsts, pa.int32()), n_tokens),
+            "sample_ids": joined("sample_ids"),
+            "n_tokens": summed("n_tokens"),
+            "n_trained": summed("n_trained"),
+            "messages": pa.nulls(len(bins), pa.string()),
+        },
+        schema=TOKENS_SCHEMA,
+    )
+    return pa.concat_tables([rest, packed])

@@ -25,14 +25,13 @@ template's own control tokens and the ones that came from content are told apart
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import numpy as np
 
 from rayft.data.templates import THINK_CLOSE, ChatTemplate
 from rayft.errors import DataError
@@ -51,7 +50,9 @@ _ESCAPED = re.compile("[\U000f0000-\U000ffffd]+")
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    offsets: list[tuple[int, int]] | None = None  # characters of each token in the rendered text (fast tokenizers)
+    # Per trained span of the rendered text (fast tokenizers): the characters from the start of its
+    # first trained token to the end of its last, or None where no token is trained (the fidelity check)
+    extents: list[tuple[int, int] | None] | None = None
 
     @property
     def n_trained(self) -> int:
@@ -408,37 +409,108 @@ def _runs(text: str) -> list[tuple[str, int]]:
 
 # ------------------------------------------------------------------------------ tokenizing
 def tokenize_rendered(items: Sequence[Rendered], tokenizer: Any, controls: Sequence[str] = ()) -> list[Encoded]:
-    """Token ids and labels of rendered sequences; content control strings as text."""
+    """Token ids and labels of rendered sequences; content control strings as text. A token is
+    trained when it starts inside a span: the tokens of a span are a run, from the first that
+    starts at or after the span's start to the first that starts at or after its end."""
     if not getattr(tokenizer, "is_fast", False):
         return [_encode_by_prefixes(item, tokenizer) for item in items]
     out = []
-    for item, (ids, offsets) in zip(items, _ids_and_offsets(tokenizer, [item.text for item in items])):
+    tokenized: Sequence[_Listed | _Encoding] = _tokenized(tokenizer, [item.text for item in items])
+    for item, tokens in zip(items, tokenized):
         if item.forged:
-            ids, offsets = _as_text(item, ids, offsets, tokenizer, controls)
-        starts = np.asarray([o[0] for o in offsets], dtype=np.int64)
-        trained: np.ndarray = np.zeros(len(ids), dtype=bool)
+            tokens = _Listed(*_as_text(item, tokens.ids, tokens.offsets(), tokenizer, controls))
+        ids = tokens.ids
+        labels = [IGNORE] * len(ids)
+        extents: list[tuple[int, int] | None] = []
         for start, end in item.spans:
-            trained |= (starts >= start) & (starts < end)
-        labels = np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE)
-        out.append(Encoded(ids, labels.tolist(), offsets))
+            first, stop = tokens.first_from(start), tokens.first_from(end)
+            labels[first:stop] = ids[first:stop]
+            extents.append((tokens.chars(first)[0], tokens.chars(stop - 1)[1]) if first < stop else None)
+        out.append(Encoded(ids, labels, extents))
     return out
 
 
-def _ids_and_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """Each text's token ids and character offsets, no special tokens added. From the Rust
-    tokenizer itself where transformers would only pass the call through (no truncation or
-    padding set, special tokens matched as such): its per-sequence Python conversion cost a
-    sixth of preparation."""
+class _Listed:
+    """A text's tokens with their character offsets as lists."""
+
+    def __init__(self, ids: list[int], offsets: list[tuple[int, int]]):
+        self.ids, self._offsets = ids, offsets
+        self._starts = [s for s, _ in offsets]
+
+    def offsets(self) -> list[tuple[int, int]]:
+        return self._offsets
+
+    def chars(self, token: int) -> tuple[int, int]:
+        return self._offsets[token]
+
+    def first_from(self, position: int) -> int:
+        """The first token that starts at or after `position` (tokens come in text order)."""
+        return bisect.bisect_left(self._starts, position)
+
+
+class _Encoding:
+    """A text's tokens as the Rust tokenizer returned them: offsets are asked for at the span
+    boundaries only (every token's offsets as Python tuples cost a tenth of preparation)."""
+
+    def __init__(self, encoding: Any, length: int):
+        self.encoding, self.length, self.ids = encoding, length, encoding.ids
+        self._listed: _Listed | None = None
+
+    def offsets(self) -> list[tuple[int, int]]:
+        return self._as_list().offsets()
+
+    def chars(self, token: int) -> tuple[int, int]:
+        return self.encoding.token_to_chars(token)
+
+    def first_from(self, position: int) -> int:
+        if position >= self.length:
+            return len(self.ids)
+        token = self.encoding.char_to_token(position)
+        if token is None:  # a character no token covers (stripped around an added token)
+            return self._as_list().first_from(position)
+        starts = self._start
+        while token > 0 and starts(token - 1) >= position:  # byte-fallback tokens share one character
+            token -= 1
+        while token < len(self.ids) and starts(token) < position:  # the token runs across `position`
+            token += 1
+        return token
+
+    def _start(self, token: int) -> int:
+        return self.encoding.token_to_chars(token)[0]
+
+    def _as_list(self) -> _Listed:
+        if self._listed is None:
+            self._listed = _Listed(self.ids, self.encoding.offsets)
+        return self._listed
+
+
+def _tokenized(tokenizer: Any, texts: list[str]) -> Sequence[_Listed | _Encoding]:
+    """Each text's tokens, no special tokens added: straight from the Rust tokenizer where
+    transformers would only pass the call through (_direct)."""
+    if _direct(tokenizer):
+        encodings = tokenizer._tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [_Encoding(e, len(text)) for e, text in zip(encodings, texts)]
+    return [_Listed(ids, offsets) for ids, offsets in _ids_and_offsets(tokenizer, texts)]
+
+
+def _direct(tokenizer: Any) -> bool:
+    """No truncation or padding set in the Rust tokenizer, special tokens matched as such: a
+    transformers call would add nothing but its per-sequence Python conversion (a sixth of
+    preparation)."""
     backend: Any = getattr(tokenizer, "_tokenizer", None)
-    direct = (
+    return (
         backend is not None
         and backend.truncation is None
         and backend.padding is None
         and not getattr(tokenizer, "split_special_tokens", False)
         and not getattr(backend, "encode_special_tokens", False)
     )
-    if direct:
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def _ids_and_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Each text's token ids and character offsets, no special tokens added."""
+    if _direct(tokenizer):
+        return [(e.ids, e.offsets) for e in tokenizer._tokenizer.encode_batch(texts, add_special_tokens=False)]
     batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
     pairs = zip(batch["input_ids"], batch["offset_mapping"])
     return [(list(ids), [tuple(o) for o in offsets]) for ids, offsets in pairs]
