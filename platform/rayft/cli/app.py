@@ -104,7 +104,9 @@ def _import_ahead(name: str) -> None:
         importlib.import_module(name)
 
 
-def _connect(address: Optional[str], verbose: bool = False, quiet: bool = False, dashboard: bool = False) -> None:
+def _connect(
+    address: Optional[str], verbose: bool = False, quiet: bool = False, dashboard: bool = False, prestart: bool = False
+) -> None:
     from rayft.launch.cluster import connect
 
     # Every command that connects loads a tokenizer right after, which needs transformers (seconds
@@ -113,7 +115,7 @@ def _connect(address: Optional[str], verbose: bool = False, quiet: bool = False,
     # importing from it half-initialized gets ImportError (seen with a cluster that connects fast).
     preload = threading.Thread(target=_import_ahead, args=(TOKENIZER_MODULE,), daemon=True)
     preload.start()
-    where = connect(address, verbose=verbose, dashboard=dashboard)
+    where = connect(address, verbose=verbose, dashboard=dashboard, prestart=prestart)
     preload.join()
     if not quiet:
         log(f"ray: {where}")
@@ -252,7 +254,7 @@ def prepare(
 
     job = _load(spec, overrides, profile)
     preflight(job)
-    _connect(address, verbose)
+    _connect(address, verbose, prestart=True)  # its first act is a read task per CPU
     check_cluster_paths(job, run_storage=False)
     prepared = run_prepare(job, load_tokenizer(job, materialized_dir(job)), force=force, log=log)
     log(f"prepared: {prepared.root}")

@@ -105,25 +105,13 @@ def _pipeline(
     context.print_on_execution_start = False
     remote = _remote_args(spec)
     secrets = share_secrets(spec)
-    source = stages.SampleSource(chunks, options, spec.data, ledger, secrets)
-    # One block stream per chunk: Ray Data would otherwise split the read's blocks to reach its own
-    # parallelism target, and a split read is not fused with the encode stage below.
-    dataset = ray.data.read_datasource(source, override_num_blocks=len(chunks), **remote)
-    dataset = dataset.map_batches(
-        stages.encode_batch,
-        fn_kwargs={
-            "spec": spec,
-            "model_dir": tokenizer.name_or_path,
-            "tokenizer_class": type(tokenizer).__name__,
-            "template": entry.template,
-            "ledger": ledger,
-            "secrets": secrets,
-        },
-        batch_size=None,  # the read's blocks as they come: a batch size would keep Ray Data from fusing the two
-        batch_format="pyarrow",
-        num_cpus=1,
-        **remote,
+    encoder = stages.EncoderSource(
+        spec, tokenizer.name_or_path, entry.template, tokenizer_class=type(tokenizer).__name__
     )
+    source = stages.SampleSource(chunks, options, encoder, ledger, secrets)
+    # One block stream per chunk: Ray Data would otherwise split a read task's blocks across tasks
+    # to reach its own parallelism target.
+    dataset = ray.data.read_datasource(source, override_num_blocks=len(chunks), **remote)
     if spec.data.packing:
         # Best-fit packing needs a window of samples; bigger windows pack tighter.
         dataset = dataset.map_batches(

@@ -1,9 +1,9 @@
 """The stages of the preprocessing pipeline, as Ray Data pieces.
 
-read (SampleSource) -> normalize + filter + dedup + split (inside the read tasks, so each record
-is parsed once and keeps its file:line) -> tokenize + mask + truncate (encode_batch, in the same
-tasks: Ray Data fuses it with the read, so a record never crosses the object store before it is
-tokenized, and as many tasks run as there are chunks and CPUs) -> pack (pack_rows) -> parquet.
+read (SampleSource) -> normalize + filter + dedup + split -> tokenize + mask + truncate (Encoder),
+all inside the read tasks: each record is parsed once, keeps its file:line, and never crosses the
+object store (or JSON) before it is tokenized; as many tasks run as there are chunks and CPUs
+-> pack (pack_rows) -> parquet.
 Counts of everything dropped go to one `Ledger` actor, per source file and reason, which also
 holds the hashes for de-duplication across all tasks.
 """
@@ -46,15 +46,6 @@ from rayft.errors import DataError
 from rayft.model.tokenizer import load_tokenizer
 from rayft.spec import DataSpec
 
-SAMPLES_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.int64()),
-        ("split", pa.string()),
-        ("kind", pa.string()),
-        ("payload", pa.string()),
-        ("where", pa.string()),  # file:line, for errors found after the read (rendering, tokenizing)
-    ]
-)
 TOKENS_SCHEMA = pa.schema(
     [
         ("split", pa.string()),
@@ -88,7 +79,7 @@ def sample_origin(sample: int) -> tuple[int, int, int]:
 
 
 FileKey = tuple[int, int]  # (source index, file index within the source)
-Row = tuple[tuple[int, int, int], str, str, str, str, dict]  # (key, split, kind, payload, where, sample) as read
+Row = tuple[tuple[int, int, int], str, str, str, dict]  # (key, split, kind, where, sample) as read
 
 
 class Tally:
@@ -171,14 +162,32 @@ class SourceOptions:
     eval_fraction: float  # of this train source held out; 0 when data.eval names eval files
 
 
+@dataclass(frozen=True)
+class EncoderSource:
+    """Where a read task's Encoder loads its tokenizer from (as the driver loaded it)."""
+
+    spec: Any  # the JobSpec
+    model_dir: str
+    template: ChatTemplate | None
+    tokenizer_class: str | None = None  # the class AutoTokenizer chose in the driver
+
+
 class SampleSource(Datasource):
-    """Reads every source chunk and emits canonical samples with split and sample id."""
+    """Reads every source chunk and emits its records as token rows: canonical samples with
+    split and sample id, encoded in the same task (a record is parsed once and never crosses the
+    object store, or JSON, before it is tokenized)."""
 
     def __init__(
-        self, chunks: list[Chunk], sources: list[SourceOptions], data: DataSpec, ledger: Any, secrets: Any = None
+        self,
+        chunks: list[Chunk],
+        sources: list[SourceOptions],
+        encoder: EncoderSource,
+        ledger: Any,
+        secrets: Any = None,
     ):
         super().__init__()
-        self.chunks, self.sources, self.data, self.ledger = chunks, sources, data, ledger
+        self.chunks, self.sources, self.encoder, self.ledger = chunks, sources, encoder, ledger
+        self.data: DataSpec = encoder.spec.data
         self.secrets = secrets  # rayft.env.share_secrets: storage credentials for remote sources
 
     def estimate_inmemory_data_size(self) -> int | None:
@@ -194,7 +203,7 @@ class SampleSource(Datasource):
                 ReadTask(
                     lambda c=chunk: self._read(c),
                     metadata,
-                    schema=SAMPLES_SCHEMA,
+                    schema=TOKENS_SCHEMA,
                     per_task_row_limit=per_task_row_limit,
                 )
             )
@@ -234,7 +243,7 @@ class SampleSource(Datasource):
             key = (chunk.source, chunk.file, index)
             split = "eval" if options.is_eval else _split_of(key, options.eval_fraction)
             kind = "text" if "text" in sample else "chat"
-            rows.append((key, split, kind, json.dumps(sample, ensure_ascii=False), f"{chunk.path}:{line}", sample))
+            rows.append((key, split, kind, f"{chunk.path}:{line}", sample))
             if len(rows) >= BLOCK_ROWS:
                 yield self._block(rows, counts, errors, chunk)
                 rows, counts, errors = [], Counter(), []
@@ -249,30 +258,28 @@ class SampleSource(Datasource):
     ) -> pa.Table:
         options, filters = self.sources[chunk.source], self.data.filters
         if rows and (filters.dedup or filters.near_dedup):
-            samples = [row[5] for row in rows]
+            read = [row[4] for row in rows]
             keep: np.ndarray = np.ones(len(rows), dtype=bool)
             if filters.dedup:
-                keep &= ray.get(self.ledger.first_seen.remote([content_hash(s) for s in samples]))
+                keep &= ray.get(self.ledger.first_seen.remote([content_hash(s) for s in read]))
                 counts["duplicate"] += int((~keep).sum())
             if filters.near_dedup:
                 fresh = np.array(
-                    ray.get(self.ledger.first_seen.remote([content_hash(s, near=True) ^ 0x5A5A for s in samples]))
+                    ray.get(self.ledger.first_seen.remote([content_hash(s, near=True) ^ 0x5A5A for s in read]))
                 )
                 counts["near_duplicate"] += int((keep & ~fresh).sum())
                 keep &= fresh
             rows = [row for row, kept in zip(rows, keep) if kept]
-        out: dict[str, list] = {"sample_id": [], "split": [], "kind": [], "payload": [], "where": []}
-        for key, split, kind, payload, where, _ in rows:
+        batch: list[dict[str, Any]] = []
+        samples: list[dict[str, Any]] = []
+        for key, split, kind, where, sample in rows:
             copies = 1 if split == "eval" else _copies(options.weight, key)
             for copy in range(copies):
-                out["sample_id"].append(sample_id(*key, copy))
-                out["split"].append(split)
-                out["kind"].append(kind)
-                out["payload"].append(payload)
-                out["where"].append(where)
+                batch.append({"sample_id": sample_id(*key, copy), "split": split, "kind": kind, "where": where})
+                samples.append(sample)  # the copies share it: encoding never changes a sample in place
         counts["kept"] += len(rows)
         ray.get(self.ledger.add.remote({(chunk.source, chunk.file): dict(counts)}, errors))
-        return pa.table(out, schema=SAMPLES_SCHEMA)
+        return _encoder(self.encoder, self.ledger, self.secrets).encode(batch, samples)
 
 
 def _unit_hash(*parts: int) -> float:
@@ -292,9 +299,8 @@ def _copies(weight: float, key: tuple[int, int, int]) -> int:
 
 
 class Encoder:
-    """Canonical samples -> token rows, a Ray Data batch at a time (encode_batch keeps one per
-    worker process: the tokenizer is loaded there from the model directory rather than shipped,
-    as a tokenizer is megabytes).
+    """Canonical samples -> token rows, a block of a read task at a time (one per worker
+    process: _encoder).
 
     A record the template cannot render, or cannot render as inference would, is rejected with
     its file:line and counted by reason (`rejected:<reason>`); the pipeline stops before training
@@ -314,9 +320,8 @@ class Encoder:
         self.records = RecordEncoder(spec.data, template, tokenizer)
         self.data, self.ledger = spec.data, ledger
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        samples = [json.loads(row["payload"]) for row in rows]
+    def encode(self, rows: list[dict[str, Any]], samples: list[dict[str, Any]]) -> pa.Table:
+        """Token rows of `rows` (sample_id, split, kind, where) and their canonical samples."""
         counts = Tally()
         errors: list[str] = []
         encoded = self.records.encode(rows, samples, counts, errors)  # samples: as rendered (system turns placed)
@@ -433,26 +438,24 @@ class RecordEncoder:
 _ENCODERS: dict[str, Encoder] = {}  # per worker process: tasks reuse the tokenizer it loaded
 
 
-def encode_batch(
-    batch: pa.Table,
-    *,
-    spec: Any,
-    model_dir: str,
-    template: ChatTemplate | None,
-    ledger: Any,
-    secrets: Any = None,
-    tokenizer_class: str | None = None,
-) -> pa.Table:
-    """Ray Data's map function for the encode stage: a plain function, so it runs in the read
-    tasks themselves (an actor pool would wait on a read task holding a CPU; on 2 cores that
-    left one encoder doing all the work). `tokenizer_class`: the one the driver's tokenizer has."""
-    key = json.dumps([model_dir, template.source if template else None, spec.data.model_dump(mode="json")])
+def _encoder(source: EncoderSource, ledger: Any, secrets: Any = None) -> Encoder:
+    """This process's Encoder for `source`, loaded by its first read task (a tokenizer is
+    megabytes: loaded from the model directory rather than shipped)."""
+    key = json.dumps(
+        [
+            source.model_dir,
+            source.template.source if source.template else None,
+            source.spec.data.model_dump(mode="json"),
+        ]
+    )
     encoder = _ENCODERS.get(key)
     if encoder is None:
         _ENCODERS.clear()  # one job's encoder at a time in a worker process
-        encoder = _ENCODERS[key] = Encoder(spec, model_dir, template, ledger, secrets, tokenizer_class)
+        encoder = _ENCODERS[key] = Encoder(
+            source.spec, source.model_dir, source.template, ledger, secrets, source.tokenizer_class
+        )
     encoder.ledger = ledger  # this run's ledger (a cached encoder may have served an earlier run)
-    return encoder(batch)
+    return encoder
 
 
 def pack_rows(batch: pa.Table, max_length: int) -> pa.Table:

@@ -51,10 +51,18 @@ AUTH_HINT = (
 
 
 def connect(
-    address: str | None = None, *, verbose: bool = False, num_cpus: int | None = None, dashboard: bool = False
+    address: str | None = None,
+    *,
+    verbose: bool = False,
+    num_cpus: int | None = None,
+    dashboard: bool = False,
+    prestart: bool = False,
 ) -> str:
     """ray.init once; returns a description of what it connected to. `dashboard`: start one with
-    an embedded local Ray (a sweep needs it; see below)."""
+    an embedded local Ray (a sweep needs it; see below). `prestart`: an embedded local Ray starts
+    a worker process per CPU with itself, for a command whose first act is a task per CPU (prepare):
+    otherwise each starts when its task comes, one after another (the second read task of
+    `rayft prepare` began 2.5 s after the first). Training starts actors, which never use them."""
     import ray
 
     if ray.is_initialized():
@@ -96,6 +104,8 @@ def connect(
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             # Before ray.init: its processes inherit this environment (rayft.train.controller).
             os.environ[EMBEDDED_RAY_ENV] = "dashboard" if dashboard else "bare"
+            if prestart:
+                os.environ["RAY_enable_worker_prestart"] = "1"  # noqa: SIM112 (Ray config names are lower case)
             ray.init(
                 address="local",
                 num_cpus=num_cpus or os.cpu_count(),
