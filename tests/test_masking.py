@@ -339,7 +339,10 @@ def test_ids_and_offsets_straight_from_the_rust_tokenizer_equal_transformers(tok
     """The fast path skips transformers' per-sequence conversion, not anything it does: same ids
     and offsets, also from a tokenizer whose Rust half has truncation set (transformers turns it
     off for a call without truncation; the fast path would not)."""
-    from rayft.data.tokenize import _ids_and_offsets
+    from rayft.data.tokenize import _tokenized
+
+    def _ids_and_offsets(tokenizer, texts):
+        return [(tokens.ids, tokens.offsets()) for tokens in _tokenized(tokenizer, texts)]
 
     texts = ["<|im_start|>user\nHi there<|im_end|>\n", "Once upon a time, a fox. " * 20, "", "naïve café ✓"]
     for name, tokenizer in tokenizers.items():

@@ -480,7 +480,7 @@ def pack_rows(batch: pa.Table, max_length: int) -> pa.Table:
 
     def summed(name: str) -> pa.Array:
         values = members.column(name).to_numpy()
-        return pa.array(np.add.reduceat(values, firsts[:-1]) if len(bins) else values[:0], pa.int32())
+        return pa.array(np.add.reduceat(values, firsts[:-1]), pa.int32())
 
     n_tokens = members.column("n_tokens").chunk(0)
     packed = pa.table(

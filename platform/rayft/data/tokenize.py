@@ -490,7 +490,9 @@ def _tokenized(tokenizer: Any, texts: list[str]) -> Sequence[_Listed | _Encoding
     if _direct(tokenizer):
         encodings = tokenizer._tokenizer.encode_batch(texts, add_special_tokens=False)
         return [_Encoding(e, len(text)) for e, text in zip(encodings, texts)]
-    return [_Listed(ids, offsets) for ids, offsets in _ids_and_offsets(tokenizer, texts)]
+    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
+    pairs = zip(batch["input_ids"], batch["offset_mapping"])
+    return [_Listed(list(ids), [tuple(o) for o in offsets]) for ids, offsets in pairs]
 
 
 def _direct(tokenizer: Any) -> bool:
@@ -505,15 +507,6 @@ def _direct(tokenizer: Any) -> bool:
         and not getattr(tokenizer, "split_special_tokens", False)
         and not getattr(backend, "encode_special_tokens", False)
     )
-
-
-def _ids_and_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """Each text's token ids and character offsets, no special tokens added."""
-    if _direct(tokenizer):
-        return [(e.ids, e.offsets) for e in tokenizer._tokenizer.encode_batch(texts, add_special_tokens=False)]
-    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
-    pairs = zip(batch["input_ids"], batch["offset_mapping"])
-    return [(list(ids), [tuple(o) for o in offsets]) for ids, offsets in pairs]
 
 
 def _as_text(
