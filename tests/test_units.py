@@ -234,3 +234,44 @@ def test_ray_train_controller_starts_only_the_helpers_a_run_uses(embedded: str |
         without_unused_helpers(elastic, has_datasets=False, embedded="bare")["scaling_policy"]
         is elastic["scaling_policy"]
     )  # elastic resizing asks the coordinator what the cluster holds: never replaced
+
+
+def test_the_controller_unpickles_its_arguments_without_torch() -> None:
+    """Ray Train's controller unpickles its arguments (callbacks, scaling policy, run context)
+    when it starts, before any worker exists: with Ray's TorchConfig among them it imported torch
+    first (about 2 s). rayft's TorchLater is the same configuration (TorchTrainer fills it in)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+    from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+
+    from rayft.train.controller import RayftTorchTrainer, without_unused_helpers
+    from rayft.train.services import FailureNotes
+
+    scaling = ScalingConfig(num_workers=2)
+    trainer = RayftTorchTrainer(
+        lambda: None, scaling_config=scaling, run_config=RunConfig(name="unit", callbacks=[FailureNotes(None, 1)])
+    )
+    config = trainer.backend_config
+    assert [f.name for f in dataclasses.fields(config)] == [f.name for f in dataclasses.fields(TorchConfig)]
+    assert (
+        config.torch_config() == TorchConfig(backend="gloo")
+        and config.to_dict() == TorchConfig(backend="gloo").to_dict()
+    )
+    arguments = {
+        "callbacks": trainer._create_default_callbacks(),
+        "scaling_policy": create_scaling_policy(scaling),
+        "train_run_context": trainer.train_run_context,
+    }
+    payload = ray.cloudpickle.dumps(without_unused_helpers(arguments, has_datasets=False, embedded="bare"))
+    code = (
+        "import sys, ray.cloudpickle as p; p.loads(sys.stdin.buffer.read()); "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr.decode()[-2000:]
+    assert loaded.stdout.decode().strip() == "[]"

@@ -4,12 +4,12 @@ Heavy modules are imported inside the commands, so `rayft --help` and `validate`
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import importlib
 import os
 import sys
-import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -105,20 +105,46 @@ def _import_ahead(name: str) -> None:
 
 
 def _connect(
-    address: Optional[str], verbose: bool = False, quiet: bool = False, dashboard: bool = False, prestart: bool = False
+    address: Optional[str],
+    verbose: bool = False,
+    quiet: bool = False,
+    dashboard: bool = False,
+    prestart: bool = False,
+    meanwhile: Optional[Callable[[], None]] = None,
 ) -> None:
+    """Connect to Ray (rayft.launch.cluster.connect) and say where. ray.init mostly waits for
+    Ray's own processes to come up (about 5 s for an embedded one, the driver's core idle;
+    bench/results/startup.md), so `meanwhile`, the command's work that needs no Ray (the job's
+    preflight, its imports), runs in a thread alongside; by default, transformers' tokenizer
+    imports, which every command that connects needs next. Its error (a problem with the job)
+    is raised in preference to a failure to connect.
+
+    Joined before anything else imports transformers: it is a lazy module, and a second thread
+    importing from it half-initialized gets ImportError (seen with a cluster that connects fast)."""
     from rayft.launch.cluster import connect
 
-    # Every command that connects loads a tokenizer right after, which needs transformers (seconds
-    # of imports); ray.init mostly waits for Ray's own processes to come up: import it meanwhile.
-    # Joined before anything else imports it: transformers is a lazy module, and a second thread
-    # importing from it half-initialized gets ImportError (seen with a cluster that connects fast).
-    preload = threading.Thread(target=_import_ahead, args=(TOKENIZER_MODULE,), daemon=True)
-    preload.start()
-    where = connect(address, verbose=verbose, dashboard=dashboard, prestart=prestart)
-    preload.join()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rayft-meanwhile") as pool:
+        alongside = pool.submit(meanwhile or functools.partial(_import_ahead, TOKENIZER_MODULE))
+        try:
+            where = connect(address, verbose=verbose, dashboard=dashboard, prestart=prestart)
+        finally:
+            alongside.result()
     if not quiet:
         log(f"ray: {where}")
+
+
+def _check_and_import(job: JobSpec, *modules: str) -> Callable[[], None]:
+    """`meanwhile` work for a command that runs the job: its preflight, and the modules it
+    imports after connecting."""
+
+    def check() -> None:
+        from rayft.train.preflight import preflight
+
+        for module in modules:
+            importlib.import_module(module)
+        preflight(job)
+
+    return check
 
 
 def _write_report(run_dir: str) -> None:
@@ -184,14 +210,14 @@ def train(
 
       rayft train configs/llama3.2-1b-lora.yaml -p configs/profiles/gpu-1xL4.yaml train.learning_rate=1e-4
     """
+    job = _load(spec, overrides, profile)
+    _connect(address, verbose, meanwhile=_check_and_import(job, "rayft.train.driver", "rayft.eval.compare"))
     from rayft.cli.views import print_comparison, print_held_out_loss, print_summary
     from rayft.eval.compare import before_after
     from rayft.train.driver import fit
     from rayft.train.run import plan_run
 
-    job = _load(spec, overrides, profile)
-    _connect(address, verbose)
-    plan = plan_run(job, log=log, fresh=fresh)
+    plan = plan_run(job, log=log, fresh=fresh, checked=True)
     summary = fit(plan, log=log)
     _record_command(plan.run_dir)  # after fit: --fresh clears the directory first, and refuses one it did not make
     print_summary(summary)
@@ -484,13 +510,13 @@ def eval_(
 
       rayft eval configs/quickstart.yaml --checkpoint runs/quickstart/checkpoint_000020
     """
+    job = _load(spec, overrides, profile)
+    _connect(address, verbose, meanwhile=_check_and_import(job, "rayft.eval.compare", "rayft.train.run"))
     from rayft.cli.views import print_comparison, print_held_out_loss
     from rayft.eval.compare import evaluate_run
     from rayft.train.run import plan_run
 
-    job = _load(spec, overrides, profile)
-    _connect(address, verbose)
-    plan = plan_run(job, log=log, resume=False)
+    plan = plan_run(job, log=log, resume=False, checked=True)
     comparison, saved = evaluate_run(plan, checkpoint)
     print_held_out_loss(comparison)
     if comparison.prompts:

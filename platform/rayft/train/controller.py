@@ -12,7 +12,9 @@ before the first worker starts:
   still lives. The embedded local Ray of a single run has no dashboard, and its placement groups
   end with this process anyway. (A sweep starts the dashboard and keeps the cleaner: a trial
   stopped early must give its CPUs back.)
-Everything else (the failure policy, checkpoints, callbacks, elastic resizing) is Ray Train's own.
+And its torch configuration is rayft.train.in_controller.TorchLater, so that the controller does
+not import torch before it starts the workers. Everything else (the failure policy, checkpoints,
+callbacks, elastic resizing) is Ray Train's own.
 """
 
 from __future__ import annotations
@@ -25,19 +27,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
 from rayft.env import embedded_ray
-
-
-class _FixedSizeWithoutAutoscaler(FixedScalingPolicy):
-    """A fixed-size worker group on a cluster that no autoscaler grows: nothing to request."""
-
-    def _send_resource_request(self) -> None:
-        pass
-
-    def _maybe_send_resource_request(self) -> None:
-        pass
-
-    def _cancel_resource_request(self) -> None:
-        pass
+from rayft.train.in_controller import FixedSizeWithoutAutoscaler, TorchLater
 
 
 def without_unused_helpers(
@@ -50,12 +40,15 @@ def without_unused_helpers(
         unused += (PlacementGroupCleanerCallback,)
     policy = controller_kwargs["scaling_policy"]
     if embedded and type(policy) is FixedScalingPolicy:  # an elastic one asks the coordinator what it holds
-        policy = _FixedSizeWithoutAutoscaler(policy.scaling_config)
+        policy = FixedSizeWithoutAutoscaler(policy.scaling_config)
     callbacks = [c for c in controller_kwargs["callbacks"] if not isinstance(c, unused)]
     return {**controller_kwargs, "callbacks": callbacks, "scaling_policy": policy}
 
 
 class RayftTorchTrainer(TorchTrainer):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, torch_config=TorchLater(), **kwargs)
+
     def _initialize_and_run_controller(self, **controller_kwargs: Any) -> Any:
         kwargs = without_unused_helpers(controller_kwargs, has_datasets=bool(self.datasets), embedded=embedded_ray())
         return super()._initialize_and_run_controller(**kwargs)

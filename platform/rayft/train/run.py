@@ -80,14 +80,22 @@ class RunPlan:
 
 
 def plan_run(
-    spec: JobSpec, *, log: Log = print, fresh: bool = False, resume: bool = True, trial: Trial | None = None
+    spec: JobSpec,
+    *,
+    log: Log = print,
+    fresh: bool = False,
+    resume: bool = True,
+    trial: Trial | None = None,
+    checked: bool = False,
 ) -> RunPlan:
     """The plan of `spec`'s run. Unless `fresh` (or `resume` is off, as for evaluating a run), a
     run directory holding checkpoints of the same model, method and data is continued (another
-    one is an error naming what changed)."""
+    one is an error naming what changed). `checked`: this process ran preflight(spec) already
+    (the CLI does, while Ray starts)."""
     started_at = time.time()
     spec = anchored(spec)  # workers run elsewhere: relative paths mean relative to here
-    preflight(spec)  # files, template, storage: what can fail without Ray fails now
+    if not checked:
+        preflight(spec)  # files, template, storage: what can fail without Ray fails now
     waiting = capacity_wait(spec)  # a job that can never fit fails before anything starts
     check_cluster_paths(spec)  # a path some node cannot see fails now, not as missing data later
     run_dir = RunDir.of(spec)

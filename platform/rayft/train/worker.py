@@ -6,7 +6,19 @@ not import TRL: the recipe's imports are paid on the workers only.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from typing import Any
+
+TRAINING_LOOP = "rayft.train.recipe"  # torch, transformers, TRL, PEFT: seconds of imports
+
+
+def import_training_loop() -> None:
+    """Run on each worker as soon as the group is up (rayft.train.in_controller), while the
+    controller sets up the process group; an import that fails fails again, and says why, in
+    train_loop_per_worker."""
+    with contextlib.suppress(Exception):
+        importlib.import_module(TRAINING_LOOP)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> Any:
