@@ -351,6 +351,22 @@ def test_validate_catches_what_the_file_system_knows(tmp_path: Path, data: Path)
     assert result.returncode == 2 and "no such file or directory" in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize("command", ["train", "prepare"])
+def test_a_mistyped_path_fails_before_ray_starts(tmp_path: Path, command: str) -> None:
+    """The commands that run a job check the rest of preflight while Ray starts; the files are
+    checked before, so that a typo costs no Ray start-up."""
+    result = run_cli(command, "configs/quickstart.yaml", f"data.train={tmp_path / 'missing.jsonl'}")
+    assert result.returncode == 2 and "data.train.0.path: no such file or directory" in result.stdout, result.stdout
+    assert "ray:" not in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_template_problem_found_while_ray_starts_is_the_error_shown(tmp_path: Path) -> None:
+    result = run_cli("train", "configs/quickstart.yaml", "data.template=chatmll", f"run.storage_path={tmp_path}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "data.template: unknown template 'chatmll'" in result.stdout, result.stdout
+    assert "Traceback" not in result.stdout + result.stderr and not list(tmp_path.iterdir())  # nothing ran
+
+
 def test_an_unreachable_object_store_is_named(monkeypatch: pytest.MonkeyPatch, data: Path) -> None:
     from rayft.train.preflight import check_storage
 

@@ -135,7 +135,11 @@ def _connect(
 
 def _check_and_import(job: JobSpec, *modules: str) -> Callable[[], None]:
     """`meanwhile` work for a command that runs the job: its preflight, and the modules it
-    imports after connecting."""
+    imports after connecting. Its quick part (the files exist) runs now: a mistyped path fails
+    before Ray starts."""
+    from rayft.train.preflight import check_files
+
+    check_files(job)
 
     def check() -> None:
         from rayft.train.preflight import preflight
@@ -274,13 +278,13 @@ def prepare(
 
       rayft prepare configs/quickstart.yaml --force
     """
+    job = _load(spec, overrides, profile)
+    # prestart: its first act is a read task per CPU
+    _connect(address, verbose, prestart=True, meanwhile=_check_and_import(job, "rayft.data.prepare"))
     from rayft.data.prepare import prepare as run_prepare
     from rayft.model import load_tokenizer, materialized_dir
-    from rayft.train.preflight import check_cluster_paths, preflight
+    from rayft.train.preflight import check_cluster_paths
 
-    job = _load(spec, overrides, profile)
-    preflight(job)
-    _connect(address, verbose, prestart=True)  # its first act is a read task per CPU
     check_cluster_paths(job, run_storage=False)
     prepared = run_prepare(job, load_tokenizer(job, materialized_dir(job)), force=force, log=log)
     log(f"prepared: {prepared.root}")
@@ -302,12 +306,10 @@ def data_preview(
 
       rayft data preview configs/quickstart.yaml -n 5
     """
-    from rayft.cli.preview import preview
-    from rayft.train.preflight import preflight
-
     job = _load(spec, overrides, profile)
-    preflight(job)
-    _connect(address, quiet=True)
+    _connect(address, quiet=True, meanwhile=_check_and_import(job, "rayft.cli.preview"))
+    from rayft.cli.preview import preview
+
     preview(job, console, count=count, split=split)
 
 

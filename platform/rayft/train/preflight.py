@@ -29,13 +29,19 @@ STORAGE_PROBE_SECONDS = 20  # an object store that has not answered in this long
 
 def preflight(spec: JobSpec, *, storage_probe: bool = True) -> None:
     """Raise a SpecError naming the field (and file) of the first problem found."""
-    check_model(spec)
-    check_data(spec)
+    check_files(spec)
     check_template(spec)
     if spec.method.deepspeed:
         deepspeed_config(spec)  # a missing or broken JSON file, named
     if storage_probe:
         check_storage(spec)
+
+
+def check_files(spec: JobSpec) -> None:
+    """The model and every data source exist: the quick part of preflight (no tokenizer), which
+    the CLI runs before it starts Ray, so that a mistyped path fails at once."""
+    check_model(spec)
+    check_data(spec)
 
 
 def check_model(spec: JobSpec) -> None:
