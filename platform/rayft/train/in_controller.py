@@ -9,7 +9,7 @@ importing what the training loop needs, so that the two imports overlap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ray.train.backend import Backend, BackendConfig
@@ -56,12 +56,12 @@ class TorchLater(BackendConfig):
         return TrainingFramework.TORCH
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "init_method": self.init_method, "timeout_s": self.timeout_s}
+        return asdict(self)
 
     def torch_config(self) -> Any:
         from ray.train.torch import TorchConfig
 
-        return TorchConfig(backend=self.backend, init_method=self.init_method, timeout_s=self.timeout_s)
+        return TorchConfig(**asdict(self))
 
 
 class _TorchLaterBackend(Backend):
