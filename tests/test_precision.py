@@ -26,11 +26,12 @@ def test_auto_follows_the_measured_matmul(tmp_path: Path, monkeypatch: pytest.Mo
     cached = json.loads((tmp_path / "precision.json").read_text())
     assert speedup > 0 and list(cached.values()) == [round(speedup, 3)] and list(cached)[0].endswith("|64")
     key = list(cached)[0].rsplit("|", 1)[0]
-    (tmp_path / "precision.json").write_text(json.dumps({f"{key}|64": 0.05, f"{key}|4096": 2.4}))
+    (tmp_path / "precision.json").write_text(json.dumps({f"{key}|64": 0.018, f"{key}|128": 1.2, f"{key}|4096": 2.4}))
     assert precision.resolve_precision(spec(), 64) == (
         "fp32",
-        "auto: fp32 (bf16 matmul 0.1x fp32 at width 64 on this CPU)",
+        "auto: fp32 (bf16 matmul 56x slower than fp32 at width 64 on this CPU)",
     )
+    assert precision.resolve_precision(spec(), 128)[1] == "auto: fp32 (bf16 matmul 1.2x fp32 at width 128 on this CPU)"
     assert precision.resolve_precision(spec(), 4096) == (
         "bf16",
         "auto: this CPU's bf16 matmul is 2.4x fp32 at width 4096",

@@ -36,7 +36,13 @@ def resolve_precision(spec: JobSpec, hidden: int | None) -> tuple[str, str]:
     speedup = bf16_speedup(hidden)
     if speedup >= MIN_SPEEDUP:
         return "bf16", f"auto: this CPU's bf16 matmul is {speedup:.1f}x fp32 at width {hidden}"
-    return "fp32", f"auto: fp32 (bf16 matmul {speedup:.1f}x fp32 at width {hidden} on this CPU)"
+    return "fp32", f"auto: fp32 (bf16 matmul {_slower(speedup)} at width {hidden} on this CPU)"
+
+
+def _slower(speedup: float) -> str:
+    """A measured speed-up below MIN_SPEEDUP in words: CPUs without bf16 units run it 50x slower,
+    which one decimal of the ratio showed as "0.0x"."""
+    return f"{speedup:.1f}x fp32" if speedup >= 1 else f"{1 / speedup:.2g}x slower than fp32"
 
 
 def bf16_speedup(hidden: int) -> float:

@@ -30,6 +30,7 @@ from rayft.model.trained import merge_adapter
 from rayft.quiet import quiet_worker
 from rayft.rundir import HF_CHECKPOINT
 from rayft.train import callbacks
+from rayft.train.ddp import broadcast_trainable_only
 from rayft.train.deepspeed import deepspeed_config
 from rayft.train.deepspeed_ops import load_ops, ops_needed
 from rayft.train.epoch import whole_steps
@@ -123,6 +124,7 @@ class SFTRecipe:
             sample_log=samples,
         )
         compact_fused_lm_head(self.trainer.model)  # CPU: the LM head scores labelled positions only
+        broadcast_trainable_only(self.trainer.model)  # every rank loaded the frozen weights itself
         if spec.method.fsdp is not None and not self.trainer.is_fsdp_enabled:
             # accelerate drops an FSDP plugin it cannot use without a word; never train unsharded instead
             raise RuntimeError(
