@@ -11,6 +11,7 @@ control-token strings like "<|im_end|>" is text, never a control token (the last
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -420,3 +421,50 @@ def test_a_data_worker_loads_the_drivers_tokenizer_class_without_importing_torch
     assert (name, imported_torch) == ("TokenizersBackend", False)
     assert ids == driver("<|im_start|>user\nOnce upon a time<|im_end|>", add_special_tokens=False)["input_ids"]
     assert pad == driver.pad_token
+
+
+def test_the_class_autotokenizer_chose_is_remembered_on_the_machine(
+    tiny_llama: Path, chat_data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every later process on the machine (the next run's driver, a restart, a sweep trial) loads
+    the class AutoTokenizer chose for the same files without its torch imports (5 CPU-s of a
+    driver's start-up); files that changed are decided again."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import spec_dict, write_spec
+    from rayft.machine_cache import MachineCache
+    from rayft.model import tokenizer as tokenizers
+    from rayft.spec import load_spec
+
+    home = tmp_path / "home"
+    cache = home / ".cache" / "rayft" / "tokenizer_classes.json"
+    monkeypatch.setattr(tokenizers, "CHOSEN", MachineCache(cache))
+    model = shutil.copytree(tiny_llama, tmp_path / "model")
+    spec_path = write_spec(tmp_path / "spec.yaml", spec_dict(model, chat_data, tmp_path / "runs"))
+    first = tokenizers.load_tokenizer(load_spec(spec_path))  # AutoTokenizer decides
+    assert list(json.loads(cache.read_text()).values()) == ["TokenizersBackend"]
+
+    def in_a_new_process() -> tuple[str, bool, list[int]]:
+        code = (
+            "import json, sys\n"
+            "from rayft.model.tokenizer import load_tokenizer\n"
+            "from rayft.spec import load_spec\n"
+            f"tokenizer = load_tokenizer(load_spec({str(spec_path)!r}))\n"
+            "ids = tokenizer('<|im_start|>user\\nOnce upon a time<|im_end|>', add_special_tokens=False)['input_ids']\n"
+            "print(json.dumps([type(tokenizer).__name__, 'torch' in sys.modules, ids]))\n"
+        )
+        env = {**os.environ, "HOME": str(home)}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        name, imported_torch, ids = json.loads(done.stdout.strip().splitlines()[-1])
+        return name, imported_torch, ids
+
+    expected = first("<|im_start|>user\nOnce upon a time<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert in_a_new_process() == ("TokenizersBackend", False, expected)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 4096}))
+    assert in_a_new_process() == ("TokenizersBackend", True, expected)  # decided again, and remembered
+    assert len(json.loads(cache.read_text())) == 2

@@ -22,12 +22,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
 from rayft import __version__, storage
 from rayft.errors import SpecError
+from rayft.machine_cache import HOME
 from rayft.spec import JobSpec
 from rayft.storage import Location, is_remote
 
@@ -148,4 +148,4 @@ def local_models(spec: JobSpec) -> str:
     """Where this node's from_pretrained reads converted models (it reads local directories):
     models_cache itself when that is a path, else this node's copy of what object storage holds."""
     shared = models_cache(spec)
-    return os.path.expanduser("~/.cache/rayft/models") if shared.remote else str(shared)
+    return str(HOME / "models") if shared.remote else str(shared)

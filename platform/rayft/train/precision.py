@@ -10,13 +10,13 @@ The measurement takes a fraction of a second and is kept per CPU model and width
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from rayft.machine_cache import HOME, MachineCache
 from rayft.spec import JobSpec
 
-CACHE = Path(os.path.expanduser("~/.cache/rayft/precision.json"))
+CACHE = MachineCache(HOME / "precision.json")
 MIN_SPEEDUP = 1.3  # below this, bf16's rounding is not worth it
 TOKENS = 256  # rows of the measured matmul: a micro-batch's worth of tokens, roughly
 
@@ -48,9 +48,9 @@ def _slower(speedup: float) -> str:
 def bf16_speedup(hidden: int) -> float:
     """fp32 time / bf16 time of a (TOKENS x hidden) @ (hidden x 4 hidden) matmul, one thread."""
     key = f"{_cpu_name()}|{hidden}"
-    cached = _read_cache()
-    if key in cached:
-        return float(cached[key])
+    cached = CACHE.get(key)
+    if cached is not None:
+        return float(cached)
     import torch
 
     threads = torch.get_num_threads()
@@ -69,7 +69,7 @@ def bf16_speedup(hidden: int) -> float:
     finally:
         torch.set_num_threads(threads)
     speedup = timings[torch.float32] / timings[torch.bfloat16]
-    _write_cache({**cached, key: round(speedup, 3)})
+    CACHE.put(key, round(speedup, 3))
     return speedup
 
 
@@ -94,20 +94,3 @@ def _cpu_name() -> str:
     import platform
 
     return platform.processor() or platform.machine()
-
-
-def _read_cache() -> dict[str, float]:
-    try:
-        return json.loads(CACHE.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(values: dict[str, float]) -> None:
-    try:
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        staging = CACHE.with_suffix(f".{os.getpid()}.tmp")
-        staging.write_text(json.dumps(values, indent=1))
-        staging.replace(CACHE)
-    except OSError:  # a read-only home: measure again next time
-        pass
