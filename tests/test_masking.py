@@ -441,7 +441,7 @@ def test_the_class_autotokenizer_chose_is_remembered_on_the_machine(
 
     home = tmp_path / "home"
     cache = home / ".cache" / "rayft" / "tokenizer_classes.json"
-    monkeypatch.setattr(tokenizers, "CHOSEN", MachineCache(cache))
+    monkeypatch.setattr(tokenizers, "CHOSEN", MachineCache(cache.name, cache.parent))
     model = shutil.copytree(tiny_llama, tmp_path / "model")
     spec_path = write_spec(tmp_path / "spec.yaml", spec_dict(model, chat_data, tmp_path / "runs"))
     first = tokenizers.load_tokenizer(load_spec(spec_path))  # AutoTokenizer decides

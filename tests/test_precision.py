@@ -22,7 +22,7 @@ def spec(**method: object) -> object:
 
 
 def test_auto_follows_the_measured_matmul(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(precision, "CACHE", MachineCache(tmp_path / "precision.json"))
+    monkeypatch.setattr(precision, "CACHE", MachineCache("precision.json", tmp_path))
     speedup = precision.bf16_speedup(64)  # measured here, then cached for this CPU and width
     cached = json.loads((tmp_path / "precision.json").read_text())
     assert speedup > 0 and list(cached.values()) == [round(speedup, 3)] and list(cached)[0].endswith("|64")

@@ -10,12 +10,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-HOME = Path(os.path.expanduser("~/.cache/rayft"))
+
+def home() -> Path:
+    """~/.cache/rayft, resolved at each use: what HOME says now (a test stands in for another node
+    by changing it)."""
+    return Path(os.path.expanduser("~/.cache/rayft"))
 
 
 class MachineCache:
-    def __init__(self, path: Path):
-        self.path = path
+    """`name` in `directory` (default: home())."""
+
+    def __init__(self, name: str, directory: Path | None = None):
+        self.name, self.directory = name, directory
+
+    @property
+    def path(self) -> Path:
+        return (self.directory or home()) / self.name
 
     def get(self, key: str) -> Any:
         return self.read().get(key)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from rayft import __version__, storage
 from rayft.errors import SpecError
-from rayft.machine_cache import HOME
+from rayft.machine_cache import home
 from rayft.spec import JobSpec
 from rayft.storage import Location, is_remote
 
@@ -148,4 +148,4 @@ def local_models(spec: JobSpec) -> str:
     """Where this node's from_pretrained reads converted models (it reads local directories):
     models_cache itself when that is a path, else this node's copy of what object storage holds."""
     shared = models_cache(spec)
-    return str(HOME / "models") if shared.remote else str(shared)
+    return str(home() / "models") if shared.remote else str(shared)

@@ -14,11 +14,11 @@ from typing import Any
 
 from rayft import storage
 from rayft.errors import DataError
-from rayft.machine_cache import HOME
+from rayft.machine_cache import home
 
 STATS_FILE = "stats.json"  # written last: a prepared directory without it is incomplete
 TOKEN_COLUMNS = ["input_ids", "labels", "seq_lengths", "sample_ids"]
-LOCAL_CACHE = str(HOME / "prepared")
+LOCAL_CACHE = str(home() / "prepared")
 # Counts in stats.json of records that were used, changed: every other count but records and kept
 # (and a source's number of files) is a reason records were dropped.
 KEPT_CHANGED = ("truncated", "system_folded", "system_dropped")

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from rayft.errors import ModelError
-from rayft.machine_cache import HOME, MachineCache
+from rayft.machine_cache import MachineCache
 from rayft.model.source import ModelSource, resolve_source
 from rayft.spec import JobSpec, ModelSpec
 
@@ -17,7 +17,7 @@ from rayft.spec import JobSpec, ModelSpec
 GENERIC_CLASS = "TokenizersBackend"
 # The class AutoTokenizer chose for a tokenizer directory, by the digest of the files it decides
 # from and transformers' version: every later process on the machine skips the decision.
-CHOSEN = MachineCache(HOME / "tokenizer_classes.json")
+CHOSEN = MachineCache("tokenizer_classes.json")
 DECIDING_FILES = ("tokenizer_config.json", "config.json", "tokenizer.json", "special_tokens_map.json")
 
 

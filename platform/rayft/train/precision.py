@@ -13,10 +13,10 @@ import json
 import time
 from pathlib import Path
 
-from rayft.machine_cache import HOME, MachineCache
+from rayft.machine_cache import MachineCache
 from rayft.spec import JobSpec
 
-CACHE = MachineCache(HOME / "precision.json")
+CACHE = MachineCache("precision.json")
 MIN_SPEEDUP = 1.3  # below this, bf16's rounding is not worth it
 TOKENS = 256  # rows of the measured matmul: a micro-batch's worth of tokens, roughly
 

@@ -21,7 +21,7 @@ import ray
 
 from rayft import storage
 from rayft.env import Target, adopt_secrets, runtime_env
-from rayft.machine_cache import HOME
+from rayft.machine_cache import home
 from rayft.nodes import on_this_node
 from rayft.spec import JobSpec
 from rayft.spec.secrets import redact, redact_text
@@ -45,7 +45,7 @@ def wandb_dir(plan: RunPlan) -> str:
     if plan.spec.tracking.wandb.dir:
         return os.path.abspath(os.path.expanduser(plan.spec.tracking.wandb.dir))
     if plan.run_dir.remote:
-        return str(HOME / "wandb")
+        return str(home() / "wandb")
     return plan.run_dir.path
 
 
