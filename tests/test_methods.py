@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_llama, run_cli, spec_dict
+from conftest import BIN, build_llama, run_cli, spec_dict
 from rayft.spec import load_spec
 
 pytestmark = pytest.mark.slow
@@ -56,18 +56,24 @@ def deepspeed_ops() -> float:
 
 def test_a_stale_torch_build_lock_does_not_hang_the_next_deepspeed_run(deepspeed_ops: float) -> None:
     """A worker killed mid-build leaves torch's lock file; without rayft's flock the next load
-    waits on it forever (this hung a CI run for 15 minutes)."""
+    waits on it forever (this hung a CI run for 15 minutes). The next load does not rebuild
+    either, whichever ninja its PATH finds first."""
     from rayft.train.deepspeed_ops import extensions_root
 
     build_dirs = [lock.parent for lock in extensions_root().glob("*/deepspeed_shm_comm/build.ninja")]
     assert build_dirs, "the fixture built the shared-memory collectives"
     stale = build_dirs[0] / "lock"
     stale.touch()
+    built = {op: op.stat().st_mtime_ns for op in build_dirs[0].glob("*.so")}
     code = "from rayft.train.deepspeed_ops import load_ops; print(load_ops(['ShareMemCommBuilder']))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # as a Ray worker starts: the environment's bin first on PATH (the fixture built without it)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "['ShareMemCommBuilder']" in done.stdout
     assert not stale.exists()
+    # loaded, not rebuilt: another ninja on PATH (system vs pip) used to rebuild every op
+    assert built and {op: op.stat().st_mtime_ns for op in build_dirs[0].glob("*.so")} == built
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,21 @@ removes. A worker killed while holding it (a trial stopped by ASHA, a crashed no
 the first build) leaves it behind, and every later DeepSpeed run on that node then waits on it
 forever, silently. So rayft takes a kernel lock (flock: released when its holder dies, however it
 dies) around loading the ops; whoever holds it knows any torch lock file left is stale.
+
+And torch runs whichever `ninja` comes first on PATH. The system's and the one pip installs (for
+DeepSpeed) can differ in version, and ninja 1.12 changed how .ninja_log hashes a command: a build
+directory that both use looks "changed" to each, and every switch rebuilt the ops (a Ray worker,
+whose PATH starts with the environment's bin, after a shell that started with the system's: about
+100 s each on 2 cores). The build always runs the ninja beside this Python when there is one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +46,7 @@ def load_ops(names: Iterable[str]) -> list[str]:
     root = extensions_root()
     root.mkdir(parents=True, exist_ok=True)
     loaded = []
-    with open(root / "rayft-build.lock", "a") as guard:
+    with open(root / "rayft-build.lock", "a") as guard, _environment_ninja_first():
         fcntl.flock(guard, fcntl.LOCK_EX)
         try:
             for stale in root.glob("*/*/lock"):
@@ -51,3 +59,18 @@ def load_ops(names: Iterable[str]) -> list[str]:
         finally:
             fcntl.flock(guard, fcntl.LOCK_UN)
     return loaded
+
+
+@contextlib.contextmanager
+def _environment_ninja_first() -> Iterator[None]:
+    """PATH starts with this Python's bin directory while the ops build, if it holds a ninja."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if not os.access(os.path.join(bin_dir, "ninja"), os.X_OK) or path.split(os.pathsep)[0] == bin_dir:
+        yield
+        return
+    os.environ["PATH"] = bin_dir + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
