@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -236,10 +237,11 @@ def test_ray_train_controller_starts_only_the_helpers_a_run_uses(embedded: str |
     )  # elastic resizing asks the coordinator what the cluster holds: never replaced
 
 
-def test_the_controller_unpickles_its_arguments_without_torch() -> None:
+def test_the_driver_and_the_controller_build_and_unpickle_a_run_without_torch() -> None:
     """Ray Train's controller unpickles its arguments (callbacks, scaling policy, run context)
     when it starts, before any worker exists: with Ray's TorchConfig among them it imported torch
-    first (about 2 s). rayft's TorchLater is the same configuration (TorchTrainer fills it in)."""
+    first (about 2 s). rayft's TorchLater is the same configuration (TorchTrainer fills it in).
+    The driver builds the trainer and its train function without importing torch either."""
     import dataclasses
     import subprocess
     import sys
@@ -257,7 +259,8 @@ def test_the_controller_unpickles_its_arguments_without_torch() -> None:
         lambda: None, scaling_config=scaling, run_config=RunConfig(name="unit", callbacks=[FailureNotes(None, 1)])
     )
     config = trainer.backend_config
-    assert [f.name for f in dataclasses.fields(config)] == [f.name for f in dataclasses.fields(TorchConfig)]
+    fields = [f.name for f in dataclasses.fields(config)]
+    assert fields == [f.name for f in dataclasses.fields(TorchConfig)] + ["unused_packages"]
     assert (
         config.torch_config() == TorchConfig(backend="gloo")
         and config.to_dict() == TorchConfig(backend="gloo").to_dict()
@@ -275,3 +278,51 @@ def test_the_controller_unpickles_its_arguments_without_torch() -> None:
     loaded = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr.decode()[-2000:]
     assert loaded.stdout.decode().strip() == "[]"
+
+    driver = (
+        "import sys; from ray.train import ScalingConfig, RunConfig;"
+        "from rayft.train.controller import RayftTorchTrainer;"
+        "t = RayftTorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2),"
+        " run_config=RunConfig(name='u'));"
+        "t._get_train_func(); print(t.backend_config.backend, 'torch' in sys.modules)"
+    )
+    built = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert built.stdout.split() == ["gloo", "False"]
+
+
+def test_a_worker_skips_only_the_packages_its_run_never_calls() -> None:
+    """PEFT imports bitsandbytes (and, through its torch.compile'd kernels, torch's inductor) and
+    TRL imports wandb whenever they are installed: 2-3 CPU-s per worker. A run that uses neither
+    goes without them; QLoRA and bitsandbytes' optimizers keep bitsandbytes, and LoRA still
+    wraps the model in such a worker."""
+    import subprocess
+    import sys
+
+    from rayft.train.worker import packages_unused_by
+
+    def unused(**spec: Any) -> tuple[str, ...]:
+        base = {"model": {"path": "/m"}, "data": {"train": "/d.jsonl"}, "method": {"kind": "lora"}}
+        return packages_unused_by(load_spec(data={**base, **spec}))
+
+    assert unused() == ("wandb", "bitsandbytes")
+    assert unused(method={"kind": "full"}) == ("wandb", "bitsandbytes")
+    assert unused(method={"kind": "qlora"}) == ("wandb",)
+    assert unused(train={"optimizer": "paged_adamw_8bit"}) == ("wandb",)
+    assert unused(train={"optimizer": "adamw_torch_fused"}) == ("wandb", "bitsandbytes")
+
+    code = (
+        "import sys; from rayft.train.worker import import_training_loop;"
+        "import_training_loop(('wandb', 'bitsandbytes'));"
+        "import peft, transformers, trl;"
+        "from rayft.train.recipe import SFTRecipe;"
+        "config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=2, vocab_size=64);"
+        "lora = peft.LoraConfig(r=4, target_modules='all-linear');"
+        "model = peft.get_peft_model(transformers.LlamaForCausalLM(config), lora);"
+        "print(model.get_nb_trainable_parameters()[0] > 0,"
+        " [n for n in ('bitsandbytes', 'wandb', 'torch._inductor.compile_fx') if sys.modules.get(n)])"
+    )
+    worker = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    assert worker.stdout.splitlines()[-1] == "True []"

@@ -1,4 +1,5 @@
-"""Ray Train's TorchTrainer without the controller helpers a run has no use for.
+"""Ray Train's TorchTrainer without the controller helpers a run has no use for, and without
+importing torch in the driver.
 
 Ray Train's controller starts helper actors around every fit, each a Python process of its own
 that imports Ray (about 2.5 CPU-s each; bench/results/startup.md), several of them waited for
@@ -13,18 +14,20 @@ before the first worker starts:
   end with this process anyway. (A sweep starts the dashboard and keeps the cleaner: a trial
   stopped early must give its CPUs back.)
 And its torch configuration is rayft.train.in_controller.TorchLater, so that the controller does
-not import torch before it starts the workers. Everything else (the failure policy, checkpoints,
-callbacks, elastic resizing) is Ray Train's own.
+not import torch before it starts the workers. RayftTorchTrainer is TorchTrainer's data-parallel
+trainer with that configuration, built on DataParallelTrainer: `ray.train.torch` imports torch
+(2.3 CPU-s) in the driver, which never uses it. Everything else (the failure policy,
+checkpoints, callbacks, elastic resizing) is Ray Train's own.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from rayft.env import embedded_ray
 from rayft.train.in_controller import FixedSizeWithoutAutoscaler, TorchLater
@@ -45,9 +48,17 @@ def without_unused_helpers(
     return {**controller_kwargs, "callbacks": callbacks, "scaling_policy": policy}
 
 
-class RayftTorchTrainer(TorchTrainer):
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, torch_config=TorchLater(), **kwargs)
+class RayftTorchTrainer(DataParallelTrainer):
+    def __init__(
+        self, train_loop_per_worker: Any, *, scaling_config: Any, unused_packages: tuple[str, ...] = (), **kwargs: Any
+    ):
+        backend = "nccl" if scaling_config.use_gpu else "gloo"  # as TorchTrainer picks it
+        super().__init__(
+            train_loop_per_worker,
+            backend_config=TorchLater(backend, unused_packages=unused_packages),
+            scaling_config=scaling_config,
+            **kwargs,
+        )
 
     def _initialize_and_run_controller(self, **controller_kwargs: Any) -> Any:
         kwargs = without_unused_helpers(controller_kwargs, has_datasets=bool(self.datasets), embedded=embedded_ray())

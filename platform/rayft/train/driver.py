@@ -21,7 +21,7 @@ from rayft.spec import JobSpec
 from rayft.train.result import RunSummary
 from rayft.train.run import RunPlan, Trial, plan_run
 from rayft.train.services import RunServices
-from rayft.train.worker import train_loop_per_worker
+from rayft.train.worker import packages_unused_by, train_loop_per_worker
 
 Log = Callable[[str], None]
 
@@ -54,6 +54,7 @@ def fit(
             train_loop_config={"plan": plan, "services": services.for_workers},
             scaling_config=scaling_config(plan.spec),
             run_config=run_config(plan, [services.failure_notes(), *(callbacks or [])]),
+            unused_packages=packages_unused_by(plan.spec),
         )
         try:
             result = trainer.fit()

@@ -9,19 +9,45 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rayft.spec import JobSpec
 
 TRAINING_LOOP = "rayft.train.recipe"  # torch, transformers, TRL, PEFT: seconds of imports
 
+# Optimizers that transformers builds from torch (or itself) alone; any other may be bitsandbytes'.
+TORCH_OPTIMIZERS = frozenset({"adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop"})
 
-def import_training_loop() -> None:
+
+def packages_unused_by(spec: JobSpec) -> tuple[str, ...]:
+    """Packages the training loop's libraries import only because they are installed, which
+    this run never calls (about 2.8 CPU-s per worker on a 2-core VM, bench/results/startup.md):
+    - bitsandbytes, which PEFT imports whenever it can and whose kernels, decorated with
+      torch.compile, import torch's inductor; QLoRA and bitsandbytes' optimizers need it.
+    - wandb, which TRL imports whenever it can: the workers report to rayft's tracker, never
+      to W&B (report_to="none")."""
+    unused = ["wandb"]
+    if spec.method.kind != "qlora" and spec.train.optimizer in TORCH_OPTIMIZERS:
+        unused.append("bitsandbytes")
+    return tuple(unused)
+
+
+def import_training_loop(unused_packages: tuple[str, ...] = ()) -> None:
     """Run on each worker as soon as the group is up (rayft.train.in_controller), while the
     controller sets up the process group; an import that fails fails again, and says why, in
     train_loop_per_worker.
 
+    `unused_packages` (packages_unused_by) are made unimportable in this process first: a None
+    in sys.modules is Python's own "not installed", so libraries that import them "if
+    available" go without.
+
     Then what the imports made (about 600,000 objects, there for the life of the process) is
     moved out of the garbage collector's reach: every full collection walked them all, and
     accelerate runs one as training begins (0.3 s on a 2-core CPU)."""
+    for name in unused_packages:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # an import already made stays
     with contextlib.suppress(Exception):
         importlib.import_module(TRAINING_LOOP)
     gc.freeze()
