@@ -357,6 +357,14 @@ def run_cli(
     )
 
 
+def python_json(code: str, *, env: dict[str, str] | None = None, timeout: int = 300) -> Any:
+    """Run `code` in a fresh interpreter (nothing this test process imported is there) and
+    return its last line of output, read as JSON; a failure shows its stderr."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def secret_forms(secret: str) -> list[bytes]:
     """A secret as it could leak: raw, lowercased (names made for Kubernetes or W&B), base64."""
     import base64

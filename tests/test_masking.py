@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import python_json
 from rayft.data.templates import BUILTIN_TEMPLATES, ChatTemplate, resolve_template
 from rayft.data.tokenize import IGNORE, Encoded, encode_conversations, encode_texts, truncate
 from rayft.errors import DataError, SpecError
@@ -396,9 +397,6 @@ def test_a_data_worker_loads_the_drivers_tokenizer_class_without_importing_torch
 ) -> None:
     """AutoTokenizer imports torch to choose a class (3-4 s in every data worker); given the class
     the driver's AutoTokenizer chose, a worker loads the same tokenizer without it."""
-    import json
-    import subprocess
-    import sys
 
     from conftest import spec_dict, write_spec
     from rayft.model.tokenizer import load_tokenizer
@@ -415,9 +413,7 @@ def test_a_data_worker_loads_the_drivers_tokenizer_class_without_importing_torch
         "ids = tokenizer('<|im_start|>user\\nOnce upon a time<|im_end|>', add_special_tokens=False)['input_ids']\n"
         "print(json.dumps([type(tokenizer).__name__, 'torch' in sys.modules, ids, tokenizer.pad_token]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    name, imported_torch, ids, pad = json.loads(done.stdout.strip().splitlines()[-1])
+    name, imported_torch, ids, pad = python_json(code)
     assert (name, imported_torch) == ("TokenizersBackend", False)
     assert ids == driver("<|im_start|>user\nOnce upon a time<|im_end|>", add_special_tokens=False)["input_ids"]
     assert pad == driver.pad_token
@@ -431,8 +427,6 @@ def test_the_class_autotokenizer_chose_is_remembered_on_the_machine(
     driver's start-up); files that changed are decided again."""
     import json
     import shutil
-    import subprocess
-    import sys
 
     from conftest import spec_dict, write_spec
     from rayft.machine_cache import MachineCache
@@ -456,10 +450,7 @@ def test_the_class_autotokenizer_chose_is_remembered_on_the_machine(
             "ids = tokenizer('<|im_start|>user\\nOnce upon a time<|im_end|>', add_special_tokens=False)['input_ids']\n"
             "print(json.dumps([type(tokenizer).__name__, 'torch' in sys.modules, ids]))\n"
         )
-        env = {**os.environ, "HOME": str(home)}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-        assert done.returncode == 0, done.stderr[-2000:]
-        name, imported_torch, ids = json.loads(done.stdout.strip().splitlines()[-1])
+        name, imported_torch, ids = python_json(code, env={**os.environ, "HOME": str(home)})
         return name, imported_torch, ids
 
     expected = first("<|im_start|>user\nOnce upon a time<|im_end|>", add_special_tokens=False)["input_ids"]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import BIN, build_llama, run_cli, spec_dict
+from conftest import BIN, build_llama, python_json, run_cli, spec_dict
 from rayft.spec import load_spec
 
 pytestmark = pytest.mark.slow
@@ -157,9 +157,7 @@ logits = tuned(input_ids=torch.tensor([[5, 6, 7]])).logits
 print(json.dumps({{"shapes": shapes, "changed": changed, "finite": bool(torch.isfinite(logits).all()),
                   "deepspeed_loaded": "deepspeed" in __import__("sys").modules}}))
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = python_json(code)
     assert report == {"shapes": True, "changed": True, "finite": True, "deepspeed_loaded": False}
 
 

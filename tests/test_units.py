@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from conftest import python_json
 from rayft.errors import SpecError
 from rayft.spec import load_spec
 
@@ -280,15 +281,13 @@ def test_the_driver_and_the_controller_build_and_unpickle_a_run_without_torch() 
     assert loaded.stdout.decode().strip() == "[]"
 
     driver = (
-        "import sys; from ray.train import ScalingConfig, RunConfig;"
+        "import json, sys; from ray.train import ScalingConfig, RunConfig;"
         "from rayft.train.controller import RayftTorchTrainer;"
         "t = RayftTorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2),"
         " run_config=RunConfig(name='u'));"
-        "t._get_train_func(); print(t.backend_config.backend, 'torch' in sys.modules)"
+        "t._get_train_func(); print(json.dumps([t.backend_config.backend, 'torch' in sys.modules]))"
     )
-    built = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=120)
-    assert built.returncode == 0, built.stderr[-2000:]
-    assert built.stdout.split() == ["gloo", "False"]
+    assert python_json(driver) == ["gloo", False]
 
 
 def test_a_worker_skips_only_the_packages_its_run_never_calls() -> None:
@@ -296,9 +295,6 @@ def test_a_worker_skips_only_the_packages_its_run_never_calls() -> None:
     TRL imports wandb whenever they are installed: 2-3 CPU-s per worker. A run that uses neither
     goes without them; QLoRA and bitsandbytes' optimizers keep bitsandbytes, and LoRA still
     wraps the model in such a worker."""
-    import subprocess
-    import sys
-
     from rayft.train.worker import packages_unused_by
 
     def unused(**spec: Any) -> tuple[str, ...]:
@@ -312,7 +308,7 @@ def test_a_worker_skips_only_the_packages_its_run_never_calls() -> None:
     assert unused(train={"optimizer": "adamw_torch_fused"}) == ("wandb", "bitsandbytes")
 
     code = (
-        "import sys; from rayft.train.worker import import_training_loop;"
+        "import json, sys; from rayft.train.worker import import_training_loop;"
         "import_training_loop(('wandb', 'bitsandbytes'));"
         "import peft, transformers, trl;"
         "from rayft.train.recipe import SFTRecipe;"
@@ -320,9 +316,7 @@ def test_a_worker_skips_only_the_packages_its_run_never_calls() -> None:
         " num_attention_heads=2, num_key_value_heads=2, vocab_size=64);"
         "lora = peft.LoraConfig(r=4, target_modules='all-linear');"
         "model = peft.get_peft_model(transformers.LlamaForCausalLM(config), lora);"
-        "print(model.get_nb_trainable_parameters()[0] > 0,"
-        " [n for n in ('bitsandbytes', 'wandb', 'torch._inductor.compile_fx') if sys.modules.get(n)])"
+        "print(json.dumps([model.get_nb_trainable_parameters()[0] > 0,"
+        " [n for n in ('bitsandbytes', 'wandb', 'torch._inductor.compile_fx') if sys.modules.get(n)]]))"
     )
-    worker = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert worker.returncode == 0, worker.stderr[-2000:]
-    assert worker.stdout.splitlines()[-1] == "True []"
+    assert python_json(code) == [True, []]
