@@ -290,17 +290,17 @@ def test_jsonl_chunks_cover_the_file_with_correct_line_numbers(tmp_path) -> None
     assert all(lines[line - 1] and json.loads(lines[line - 1]) == record for _, line, record in pieces)
 
 
-def test_files_are_cut_into_about_two_read_tasks_per_cpu_and_small_ones_stay_whole(tmp_path) -> None:
+def test_files_are_cut_into_about_one_read_task_per_cpu_and_small_ones_stay_whole(tmp_path) -> None:
     """Each read task also tokenizes its chunk, so the chunks are the pipeline's parallelism."""
     big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
     big.write_text((json.dumps({"text": "y" * 1000}) + "\n") * 8000)
     small.write_text(json.dumps({"text": "z"}) + "\n")
-    size = chunk_size([str(big), str(small)], cpus=2)
-    assert size == (big.stat().st_size + small.stat().st_size) // 4 + 1  # 2 per CPU, over all the files
+    size = chunk_size([str(big), str(small)], cpus=4)
+    assert size == (big.stat().st_size + small.stat().st_size) // 4 + 1  # 1 per CPU, over all the files
     assert len(plan_chunks(0, str(big), chunk_bytes=size)) == 4
     assert len(plan_chunks(1, str(small), chunk_bytes=size)) == 1
     assert chunk_size([str(small)], cpus=64) == MIN_CHUNK_BYTES  # never tiny tasks
-    assert chunk_size([str(big)], cpus=1) == big.stat().st_size // 2 + 1
+    assert chunk_size([str(big)], cpus=2) == big.stat().st_size // 2 + 1
 
 
 def test_preview_shows_trained_tokens_and_stats(ray_cluster, tiny_llama, chat_data, tmp_path) -> None:
