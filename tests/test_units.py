@@ -131,7 +131,7 @@ def test_load_split_streams_parquet_into_one_memory_mapped_local_copy(tmp_path: 
 
     from rayft.data import prepared as prepare
 
-    monkeypatch.setattr(prepare, "LOCAL_CACHE", str(tmp_path / "local"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the node's local cache: ~/.cache/rayft/prepared
     rows = [
         {"input_ids": [i, i + 1], "labels": [-100, i + 1], "seq_lengths": [2], "sample_ids": [i], "text": "x"}
         for i in range(2500)
@@ -144,10 +144,11 @@ def test_load_split_streams_parquet_into_one_memory_mapped_local_copy(tmp_path: 
     dataset = prepare.load_split(prepared, "train")
     assert dataset.column_names == prepare.TOKEN_COLUMNS  # only what training reads
     assert len(dataset) == 2500 and dataset[1300]["sample_ids"] == [1300] and dataset[7]["labels"] == [-100, 8]
-    [copy] = (tmp_path / "local").iterdir()
-    assert copy.suffix == ".arrow" and not list((tmp_path / "local").glob("*.tmp"))
+    local = tmp_path / "home" / ".cache" / "rayft" / "prepared"
+    [copy] = local.iterdir()
+    assert copy.suffix == ".arrow" and not list(local.glob("*.tmp"))
     # the second worker on the node maps the same copy; a re-written split gets a new one
-    assert len(prepare.load_split(prepared, "train")) == 2500 and len(list((tmp_path / "local").iterdir())) == 1
+    assert len(prepare.load_split(prepared, "train")) == 2500 and len(list(local.iterdir())) == 1
     pq.write_table(pa.Table.from_pylist(rows[:10]), files[1])
     assert len(prepare.load_split(prepared, "train")) == 1210
     assert prepare.load_split(prepared, "eval") is None

@@ -18,7 +18,6 @@ from rayft.machine_cache import home
 
 STATS_FILE = "stats.json"  # written last: a prepared directory without it is incomplete
 TOKEN_COLUMNS = ["input_ids", "labels", "seq_lengths", "sample_ids"]
-LOCAL_CACHE = str(home() / "prepared")
 # Counts in stats.json of records that were used, changed: every other count but records and kept
 # (and a source's number of files) is a reason records were dropped.
 KEPT_CHANGED = ("truncated", "system_folded", "system_dropped")
@@ -85,7 +84,7 @@ def load_split(prepared: Prepared, split: str) -> Any:
         p if storage.is_remote(p) else f"{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}" for p in paths
     ]
     digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
-    local = os.path.join(LOCAL_CACHE, f"{digest}-{split}.arrow")
+    local = str(home() / "prepared" / f"{digest}-{split}.arrow")  # this node's copy, as its HOME says now
     if not os.path.isfile(local):
         _stream_to_arrow(paths, local)
     return datasets.Dataset(pa.ipc.open_file(pa.memory_map(local)).read_all())
