@@ -161,7 +161,12 @@ def _compile(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+    template = env.from_string(source)
+    # Jinja keeps a template's globals as a ChainMap over its environment's and copies them into
+    # every render's context key by key (about 50 us, a tenth of preparing an Alpaca record). Both
+    # are fixed here, so one plain dict renders the same, copied at C speed.
+    template.globals = dict(template.globals)
+    return template
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
