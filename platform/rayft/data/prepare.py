@@ -39,6 +39,7 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False, log: Callable
         log(f"data: reusing prepared data {entry.root}")
         return cached
 
+    _start_ray_data_helpers()
     sources = spec.data.train + (spec.data.eval or [])
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     size = chunk_size([path for group in entry.files for path in group], cpus)
@@ -81,6 +82,22 @@ def prepare(spec: JobSpec, tokenizer: Any, *, force: bool = False, log: Callable
     ray.kill(ledger)
     log(_describe(stats, spec, entry))
     return Prepared(entry.root, entry.key, stats, stats["template"])
+
+
+def _start_ray_data_helpers() -> None:
+    """Start the two actors Ray Data starts when a pipeline first runs (one per cluster, reused
+    by later pipelines) while this driver still plans the chunks. Until its autoscaling
+    coordinator answers, Ray Data holds back every read task but the first: the second of
+    `rayft prepare`'s two read tasks on 2 CPUs waited 3-4 s for that actor's process to start.
+    Ray Data's own functions, so the actors are the ones it looks up; a Ray Data without them
+    starts its helpers itself, as before."""
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return
+    get_or_create_autoscaling_coordinator()
+    get_or_create_stats_actor()
 
 
 def _remote_args(spec: JobSpec) -> dict[str, Any]:
