@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SHARED, run_cli, write_jsonl, write_spec
+from conftest import SHARED, python_json, run_cli, write_jsonl, write_spec
 from rayft.data.sources import MIN_CHUNK_BYTES, chunk_size, plan_chunks, read_chunk
 from rayft.errors import DataError
 from rayft.spec import load_spec
@@ -301,6 +301,32 @@ def test_files_are_cut_into_about_one_read_task_per_cpu_and_small_ones_stay_whol
     assert len(plan_chunks(1, str(small), chunk_bytes=size)) == 1
     assert chunk_size([str(small)], cpus=64) == MIN_CHUNK_BYTES  # never tiny tasks
     assert chunk_size([str(big)], cpus=2) == big.stat().st_size // 2 + 1
+
+
+def test_a_read_worker_freezes_its_heap_once_per_encoder(tiny_llama) -> None:
+    """A read worker's long-lived objects (Ray's, Ray Data's, the tokenizer's) are frozen out of
+    the garbage collector once its encoder is loaded; a later job's encoder replaces the old one,
+    which does not outlive the replacement. In a fresh process: the test's own heap is no worker's."""
+    code = f"""
+import gc, json, weakref
+from rayft.data import stages
+from rayft.spec import load_spec
+model = {str(tiny_llama)!r}
+def source(length):
+    spec = load_spec(data={{"model": {{"path": model}}, "data": {{"train": "x.jsonl", "max_length": length}}}})
+    return stages.EncoderSource(spec, model, None)
+before = gc.get_freeze_count()
+first = stages._encoder(source(256), ledger=None)
+frozen = gc.get_freeze_count()
+again = stages._encoder(source(256), ledger=None) is first
+gone = weakref.ref(first)
+del first
+second = stages._encoder(source(128), ledger=None)
+print(json.dumps([before, frozen, again, gone() is None, gc.get_freeze_count()]))
+"""
+    before, frozen, reused, replaced, refrozen = python_json(code)
+    assert before == 0 and frozen > 50_000  # tens of thousands of objects: Ray Data's and the tokenizer's
+    assert reused and replaced and refrozen > 50_000
 
 
 def test_preview_shows_trained_tokens_and_stats(ray_cluster, tiny_llama, chat_data, tmp_path) -> None:
