@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -171,11 +170,12 @@ def render_sample(
             "or choose another template",
         )
     if controls:
-        dumped = json.dumps([messages, tools], ensure_ascii=False)
-        _refuse_escape_characters(dumped)
-        # JSON escapes a string character by character, so a control string inside any string of
-        # the conversation shows in the dump as its own JSON form: none there, nothing to escape
-        if any(form in dumped for form in _json_forms(tuple(controls))):
+        # Every string of the conversation (tool schemas and dict keys included) in one text: a
+        # control string inside any of them shows in it; none there, nothing to escape. (A match
+        # across the separator could only send a conversation down the escaping path for nothing.)
+        strings = "\0".join(_strings([messages, tools], []))
+        _refuse_escape_characters(strings)
+        if _control_pattern(tuple(controls)).search(strings):
             escapes = _escapes(controls)
             messages, tools = _escape(messages, escapes), _escape(tools, escapes)
     adapted = template.adapt(messages)
@@ -340,10 +340,23 @@ def _common(a: str, b: str) -> str:
     return a[:n]
 
 
+def _strings(value: Any, out: list[str]) -> list[str]:
+    """Every string inside `value`, dict keys included, appended to `out`."""
+    if isinstance(value, str):
+        out.append(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _strings(key, out)
+            _strings(item, out)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _strings(item, out)
+    return out
+
+
 @functools.lru_cache(maxsize=8)
-def _json_forms(controls: tuple[str, ...]) -> tuple[str, ...]:
-    """Each control string as it shows inside a JSON string."""
-    return tuple(json.dumps(c, ensure_ascii=False)[1:-1] for c in controls)
+def _control_pattern(controls: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(re.escape(c) for c in controls))
 
 
 def _escapes(controls: Sequence[str]) -> list[tuple[str, str]]:
