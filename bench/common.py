@@ -19,6 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 RAYFT = str(Path(sys.executable).parent / "rayft")  # the CLI of the environment running the bench
 
 
+def baseline_source(ref: str) -> Path:
+    """platform/ of a worktree of git `ref` (made once, under bench/work/): a bench that runs
+    `rayft` with PYTHONPATH set to it measures that commit's code with this environment."""
+    commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True, text=True, check=True)
+    tree = WORK / f"baseline-{commit.stdout.strip()}"
+    if not tree.is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=REPO, check=True)
+    return tree / "platform"
+
+
 def llama_from_config(directory: Path, *, hidden: int, layers: int) -> Path:
     """A Llama built from a config (random weights, seed 0) with stories260K's real tokenizer."""
     import torch

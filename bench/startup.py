@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RAYFT, REPO, WORK, cli_env, record  # noqa: E402
+from common import RAYFT, REPO, WORK, baseline_source, cli_env, record  # noqa: E402
 
 # (phase, the start of the line that ends it)
 PHASES = [
@@ -87,15 +87,6 @@ def tree_cpu_seconds(root: int) -> float:
                 below.add(pid)
                 grown = True
     return sum(cpu[pid] for pid in below)
-
-
-def baseline_source(ref: str) -> Path:
-    """platform/ of a worktree of `ref` (made once, under bench/work/)."""
-    commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True, text=True, check=True)
-    tree = WORK / f"baseline-{commit.stdout.strip()}"
-    if not tree.is_dir():
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=REPO, check=True)
-    return tree / "platform"
 
 
 def table(columns: dict[str, dict[str, float]]) -> list[str]:
