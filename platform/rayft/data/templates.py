@@ -163,8 +163,8 @@ def _compile(source: str) -> jinja2.Template:
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     template = env.from_string(source)
     # Jinja keeps a template's globals as a ChainMap over its environment's and copies them into
-    # every render's context key by key (about 50 us, a tenth of preparing an Alpaca record). Both
-    # are fixed here, so one plain dict renders the same, copied at C speed.
+    # every render's context key by key (45 us per render of SmolLM2's template; 27 us with a plain
+    # dict). Both are fixed here, so one plain dict renders the same, copied at C speed.
     template.globals = dict(template.globals)
     return template
 

@@ -356,6 +356,8 @@ def _strings(value: Any, out: list[str]) -> list[str]:
 
 @functools.lru_cache(maxsize=8)
 def _control_pattern(controls: tuple[str, ...]) -> re.Pattern[str]:
+    """Any of the control strings (longest first, as control_tokens lists them: alternation takes
+    the first that matches)."""
     return re.compile("|".join(re.escape(c) for c in controls))
 
 
@@ -587,8 +589,7 @@ def _occurrences(text: str, controls: Sequence[str]) -> list[tuple[int, int]]:
     """Control strings in text, leftmost-longest as the tokenizer matches them."""
     if not controls:
         return []
-    pattern = re.compile("|".join(re.escape(c) for c in controls))  # longest first: alternation picks it
-    return [(m.start(), m.end()) for m in pattern.finditer(text)]
+    return [(m.start(), m.end()) for m in _control_pattern(tuple(controls)).finditer(text)]
 
 
 def _encode_by_prefixes(item: Rendered, tokenizer: Any) -> Encoded:
