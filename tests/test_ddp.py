@@ -6,9 +6,9 @@ marked frozen weight, so that what is and is not broadcast shows."""
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -17,13 +17,13 @@ import torch.multiprocessing as mp
 MARK = 0.5  # added to one frozen weight on rank 1 only
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+DEADLINE = 300  # s for both ranks; about 20 s on an idle 2-core machine
 
 
-def _rank(rank: int, port: int, model_dir: str, out: str) -> None:
+def _rank(rank: int, model_dir: str, out: str) -> None:
+    # If a rank hangs, the failure shows where: its stacks are written before the test kills it
+    stacks = open(Path(out, f"rank{rank}.stacks"), "w")  # noqa: SIM115 - open until the process ends
+    faulthandler.dump_traceback_later(DEADLINE - 30, file=stacks)
     import torch
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
@@ -33,8 +33,13 @@ def _rank(rank: int, port: int, model_dir: str, out: str) -> None:
     from rayft.train.ddp import broadcast_trainable_only
 
     torch.set_num_threads(1)
+    # A file rendezvous: no port picked in advance that another process could take in between
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120)
+        "gloo",
+        init_method=f"file://{Path(out, 'rendezvous')}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=120),
     )
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     torch.manual_seed(100 + rank)  # LoRA's random matrices differ until DDP broadcasts them
@@ -71,13 +76,14 @@ def _rank(rank: int, port: int, model_dir: str, out: str) -> None:
 
 def test_ddp_broadcasts_lora_weights_and_buffers_but_not_the_frozen_base(tiny_llama: Path, tmp_path: Path) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    ranks = mp.spawn(_rank, args=(_free_port(), str(tiny_llama), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
+    ranks = mp.spawn(_rank, args=(str(tiny_llama), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + DEADLINE
     while not ranks.join(timeout=5):  # raises if a rank failed
         if time.monotonic() > deadline:
             for process in ranks.processes:
                 process.kill()
-            raise AssertionError("the two ranks did not finish in 300 s")
+            stacks = "\n".join(f"rank {r}:\n" + (tmp_path / f"rank{r}.stacks").read_text() for r in (0, 1))
+            raise AssertionError(f"the two ranks did not finish in {DEADLINE} s; their stacks:\n{stacks}")
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # every frozen weight is left out, and nothing that trains
     assert zero["ignored"] == one["ignored"]
