@@ -55,6 +55,45 @@ CHATML = (
 )
 
 
+# ------------------------------------------------------------------------- DeepSpeed ops
+DEEPSPEED_OPS = ["ShareMemCommBuilder", "CPUAdamBuilder"]  # CPU collectives, CPU Adam (offload)
+_deepspeed_build: dict[str, Any] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Compiling DeepSpeed's CPU ops takes 100-110 s of both cores. If a collected test needs them,
+    the compile starts now, in its own process at the lowest priority: it takes the cores only
+    while the tests before that one leave them idle (they wait on Ray much of the time)."""
+    if any("deepspeed_ops" in getattr(item, "fixturenames", ()) for item in session.items):
+        _start_deepspeed_build()
+
+
+def _start_deepspeed_build() -> None:
+    if _deepspeed_build:
+        return
+    log = tempfile.NamedTemporaryFile(prefix="rayft-deepspeed-ops-", suffix=".log", delete=False)  # noqa: SIM115
+    code = f"from rayft.train.deepspeed_ops import load_ops; assert load_ops({DEEPSPEED_OPS!r}) == {DEEPSPEED_OPS!r}"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(19)
+    )
+    log.close()
+    _deepspeed_build.update(started=time.time(), log=Path(log.name), process=process)
+    atexit.register(Path(log.name).unlink, missing_ok=True)
+    atexit.register(process.kill)  # first (atexit runs last in, first out): no compile outlives the run
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops() -> float:
+    """DeepSpeed's CPU ops, compiled once per suite the way workers do (rayft's build lock; a
+    stale torch lock is cleared); workers then load them from the cache. Seconds since the
+    compile started."""
+    _start_deepspeed_build()  # at collection already, unless the fixture was asked for by name
+    process = _deepspeed_build["process"]
+    process.wait(timeout=1800)
+    assert process.returncode == 0, _deepspeed_build["log"].read_text()[-3000:]
+    return time.time() - _deepspeed_build["started"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +38,6 @@ METHODS: dict[str, dict[str, Any]] = {
         "quantization": {"compute_dtype": "float32", "storage_dtype": "float32"},
     },
 }
-
-
-@pytest.fixture(scope="session")
-def deepspeed_ops() -> float:
-    """Compile DeepSpeed's CPU ops (shared-memory collectives, CPU Adam) once per suite, the way
-    workers do (a stale torch build lock is cleared); workers then load them from the cache."""
-    started = time.time()
-    code = (
-        "from rayft.train.deepspeed_ops import load_ops;"
-        "assert load_ops(['ShareMemCommBuilder', 'CPUAdamBuilder']) == ['ShareMemCommBuilder', 'CPUAdamBuilder']"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=900)
-    return time.time() - started
 
 
 def test_a_stale_torch_build_lock_does_not_hang_the_next_deepspeed_run(deepspeed_ops: float) -> None:
