@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import assert_secret_nowhere, spec_dict
+from conftest import assert_secret_nowhere, spec_dict, wait_for
 from rayft.errors import ClusterError
 from rayft.spec import load_spec
 
@@ -202,3 +202,75 @@ def test_one_wandb_run_per_job_with_metrics_config_and_no_secret(
     assert summary.wandb and f"wandb: {summary.wandb}" in lines  # where it was tracked, printed as it started
     # nowhere: the run's files, W&B's, and every log of the cluster's processes
     assert assert_secret_nowhere(SECRET, run_dir, *ray_cluster.logs) > 10
+
+
+def test_the_controller_sets_up_the_process_group_and_never_imports_torch(ray_cluster: Any, tmp_path: Path) -> None:
+    """rayft's torch backend (rayft.train.in_controller) runs in Ray Train's controller process and
+    sets up the workers' gloo group from there; every call that needs torch runs on the workers.
+    Ray's own backend imported torch in the controller (about 3 CPU-s and 180 MB) while the
+    workers imported theirs, on the same cores."""
+    import threading
+    import time
+
+    import psutil
+    from ray.train import RunConfig, ScalingConfig
+
+    from rayft.train.controller import RayftTorchTrainer
+
+    out = str(tmp_path)
+
+    def loop() -> None:  # on each worker; holds the group until the test has looked at the processes
+        import os
+        import time
+
+        import torch
+        import torch.distributed as dist
+
+        total = torch.tensor([dist.get_rank() + 1.0])
+        dist.all_reduce(total)  # over the group the controller set up
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        seen = {"rank": dist.get_rank(), "size": dist.get_world_size(), "sum": total.item()}
+        Path(out, f"rank{dist.get_rank()}.json").write_text(
+            json.dumps({**seen, **{n: os.environ.get(n) for n in names}})
+        )
+        deadline = time.time() + 300
+        while not Path(out, "release").exists() and time.time() < deadline:
+            time.sleep(0.2)
+
+    started = time.time()
+    trainer = RayftTorchTrainer(
+        loop,
+        scaling_config=ScalingConfig(num_workers=2),
+        unused_packages=("wandb", "bitsandbytes"),
+        run_config=RunConfig(name="controller-without-torch", storage_path=str(tmp_path / "storage")),
+    )
+    fit = threading.Thread(target=trainer.fit, daemon=True)
+    fit.start()
+
+    def ray_processes(title: str) -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter(["cmdline", "create_time"]):
+            if title in " ".join(process.info["cmdline"] or []) and process.info["create_time"] >= started - 1:
+                found.append(process)
+        return found
+
+    def has_torch(process: psutil.Process) -> bool:
+        return "libtorch_cpu" in Path(f"/proc/{process.pid}/maps").read_text()
+
+    try:
+        wait_for(
+            lambda: all(Path(out, f"rank{r}.json").exists() for r in (0, 1)), what="both ranks' reports", timeout=300
+        )
+        controllers, workers = ray_processes("ray::TrainController"), ray_processes("ray::RayTrainWorker")
+        assert len(controllers) == 1 and len(workers) == 2, (controllers, workers)
+        assert all(has_torch(worker) for worker in workers)  # torch shows in a process's maps once imported
+        assert not has_torch(controllers[0])
+    finally:
+        Path(out, "release").touch()
+        fit.join(timeout=300)
+    assert not fit.is_alive()
+    ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, seen in enumerate(ranks):
+        assert seen["size"] == 2 and seen["sum"] == 3.0 and seen["rank"] == rank
+        assert seen["RANK"] == str(rank) and seen["WORLD_SIZE"] == "2" and seen["LOCAL_RANK"] == str(rank)
+    assert ranks[0]["MASTER_ADDR"] == ranks[1]["MASTER_ADDR"] and ranks[0]["MASTER_PORT"] == ranks[1]["MASTER_PORT"]

@@ -2,22 +2,32 @@
 
 The controller unpickles its arguments when it starts, before it starts any worker. With Ray's
 own TorchConfig among them, that imports torch there first: about 2 s in which no worker
-exists yet (bench/results/startup.md). TorchLater is the same configuration; its backend
-imports Ray's torch backend only when the worker group is up, and first sets the workers
-importing what the training loop needs, so that the two imports overlap. It also carries the
+exists yet (bench/results/startup.md). TorchLater is the same configuration; its backend sets
+the workers importing what the training loop needs as soon as they are up, and sets up their
+process group without importing torch in the controller at all. It also carries the
 packages the run has no use for (rayft.train.worker.packages_unused_by), which the workers then
 do not import.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import ray
+from ray._common.network_utils import build_address
+from ray._private.ray_constants import env_integer
+from ray.exceptions import GetTimeoutError
+from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
+from ray.train.constants import DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
 from rayft.train.worker import import_training_loop
+
+logger = logging.getLogger(__name__)
 
 
 class FixedSizeWithoutAutoscaler(FixedScalingPolicy):
@@ -86,23 +96,63 @@ class _TorchWorkerContext:
 
 
 class _TorchLaterBackend(Backend):
-    """Ray's torch backend (process group set-up and shutdown), imported when first needed."""
+    """Ray's torch backend (ray.train.torch.config._TorchBackend) for Ray Train's worker groups,
+    driven from a controller that never imports torch: each call that needs torch runs on the
+    workers, which import it anyway. Importing it in the controller cost about 3 CPU-s while the
+    workers imported theirs, on the same cores. Left out of Ray's: TPU and HCCL set-up (rayft
+    trains on CPUs and CUDA GPUs), and the v1 worker groups' hook (Ray Train v2 only)."""
 
     share_cuda_visible_devices = True  # as Ray's torch backend: a node's GPU workers see each other's (NCCL)
 
     def on_start(self, worker_group: Any, backend_config: Any) -> None:
         # ahead of the process group, queued first
         worker_group.execute_async(import_training_loop, backend_config.unused_packages)
-        self._torch().on_start(worker_group, backend_config.torch_config())
-
-    def on_training_start(self, worker_group: Any, backend_config: Any) -> None:
-        self._torch().on_training_start(worker_group, backend_config.torch_config())
+        backend = backend_config.backend or (
+            "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) else "gloo"
+        )
+        address, port = worker_group.execute_single(0, get_address_and_port)
+        if backend_config.init_method == "env":
+            worker_group.execute(_set_master, address, port)
+            url = "env://"
+        elif backend_config.init_method == "tcp":
+            url = f"tcp://{build_address(address, port)}"
+        else:
+            raise ValueError(f"init_method {backend_config.init_method!r}: 'env' or 'tcp'")
+        worker_group.execute(_in_ray_torch_config, "_set_torch_distributed_env_vars")  # LOCAL_RANK and the rest
+        size = len(worker_group)
+        ray.get(
+            [
+                worker_group.execute_single_async(
+                    rank,
+                    _in_ray_torch_config,
+                    "_setup_torch_process_group",
+                    backend=backend,
+                    world_rank=rank,
+                    world_size=size,
+                    init_method=url,
+                    timeout_s=backend_config.timeout_s,
+                )
+                for rank in range(size)
+            ]
+        )
 
     def on_shutdown(self, worker_group: Any, backend_config: Any) -> None:
-        self._torch().on_shutdown(worker_group, backend_config.torch_config())
+        done = worker_group.execute_async(
+            _in_ray_torch_config, "_shutdown_torch", destroy_process_group=len(worker_group) > 1
+        )
+        timeout = env_integer(TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
+        try:
+            ray.get(done, timeout=timeout)
+        except GetTimeoutError:
+            logger.warning(f"torch process group shutdown timed out after {timeout} seconds")
 
-    @staticmethod
-    def _torch() -> Backend:
-        from ray.train.torch.config import _TorchBackend
 
-        return _TorchBackend()
+def _set_master(address: str, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
+
+
+def _in_ray_torch_config(name: str, *args: Any, **kwargs: Any) -> Any:
+    """On a worker: a function of Ray's torch backend module (which imports torch)."""
+    from ray.train.torch import config
+
+    return getattr(config, name)(*args, **kwargs)
