@@ -292,25 +292,25 @@ def test_the_driver_and_the_controller_build_and_unpickle_a_run_without_torch() 
 
 
 def test_a_worker_skips_only_the_packages_its_run_never_calls() -> None:
-    """PEFT imports bitsandbytes (and, through its torch.compile'd kernels, torch's inductor) and
-    TRL imports wandb whenever they are installed: 2-3 CPU-s per worker. A run that uses neither
-    goes without them; QLoRA and bitsandbytes' optimizers keep bitsandbytes, and LoRA still
-    wraps the model in such a worker."""
+    """PEFT imports bitsandbytes (and, through its torch.compile'd kernels, torch's inductor), TRL
+    imports wandb and transformers' Trainer scipy whenever they are installed: 3-4 CPU-s per
+    worker. A run that uses none of them goes without; QLoRA and bitsandbytes' optimizers keep
+    bitsandbytes, and LoRA still wraps the model in such a worker."""
     from rayft.train.worker import packages_unused_by
 
     def unused(**spec: Any) -> tuple[str, ...]:
         base = {"model": {"path": "/m"}, "data": {"train": "/d.jsonl"}, "method": {"kind": "lora"}}
         return packages_unused_by(load_spec(data={**base, **spec}))
 
-    assert unused() == ("wandb", "bitsandbytes")
-    assert unused(method={"kind": "full"}) == ("wandb", "bitsandbytes")
-    assert unused(method={"kind": "qlora"}) == ("wandb",)
-    assert unused(train={"optimizer": "paged_adamw_8bit"}) == ("wandb",)
-    assert unused(train={"optimizer": "adamw_torch_fused"}) == ("wandb", "bitsandbytes")
+    assert unused() == ("wandb", "scipy", "bitsandbytes")
+    assert unused(method={"kind": "full"}) == ("wandb", "scipy", "bitsandbytes")
+    assert unused(method={"kind": "qlora"}) == ("wandb", "scipy")
+    assert unused(train={"optimizer": "paged_adamw_8bit"}) == ("wandb", "scipy")
+    assert unused(train={"optimizer": "adamw_torch_fused"}) == ("wandb", "scipy", "bitsandbytes")
 
     code = (
         "import json, sys; from rayft.train.worker import import_training_loop;"
-        "import_training_loop(('wandb', 'bitsandbytes'));"
+        "import_training_loop(('wandb', 'scipy', 'bitsandbytes'));"
         "import peft, transformers, trl;"
         "from rayft.train.recipe import SFTRecipe;"
         "config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,"
@@ -318,6 +318,6 @@ def test_a_worker_skips_only_the_packages_its_run_never_calls() -> None:
         "lora = peft.LoraConfig(r=4, target_modules='all-linear');"
         "model = peft.get_peft_model(transformers.LlamaForCausalLM(config), lora);"
         "print(json.dumps([model.get_nb_trainable_parameters()[0] > 0,"
-        " [n for n in ('bitsandbytes', 'wandb', 'torch._inductor.compile_fx') if sys.modules.get(n)]]))"
+        " [n for n in ('bitsandbytes', 'wandb', 'scipy', 'torch._inductor.compile_fx') if sys.modules.get(n)]]))"
     )
     assert python_json(code) == [True, []]

@@ -27,8 +27,11 @@ def packages_unused_by(spec: JobSpec) -> tuple[str, ...]:
     - bitsandbytes, which PEFT imports whenever it can and whose kernels, decorated with
       torch.compile, import torch's inductor; QLoRA and bitsandbytes' optimizers need it.
     - wandb, which TRL imports whenever it can: the workers report to rayft's tracker, never
-      to W&B (report_to="none")."""
-    unused = ["wandb"]
+      to W&B (report_to="none").
+    - scipy, which transformers.trainer imports, through its object-detection losses
+      (scipy.optimize for their matching), whenever it can: about 1 CPU-s per worker; nothing
+      an SFT run calls uses it (rayft's packing solver runs in `rayft prepare`'s tasks)."""
+    unused = ["wandb", "scipy"]
     if spec.method.kind != "qlora" and spec.train.optimizer in TORCH_OPTIMIZERS:
         unused.append("bitsandbytes")
     return tuple(unused)
