@@ -247,12 +247,12 @@ def test_the_controller_sets_up_the_process_group_and_never_imports_torch(ray_cl
     fit = threading.Thread(target=trainer.fit, daemon=True)
     fit.start()
 
-    def ray_processes(title: str) -> list[psutil.Process]:
-        found = []
-        for process in psutil.process_iter(["cmdline", "create_time"]):
-            if title in " ".join(process.info["cmdline"] or []) and process.info["create_time"] >= started - 1:
-                found.append(process)
-        return found
+    def ray_processes(title: str) -> list[psutil.Process]:  # this test's, by the title Ray gives them
+        return [
+            process
+            for process in psutil.process_iter(["cmdline", "create_time"])
+            if title in " ".join(process.info["cmdline"] or []) and process.info["create_time"] >= started - 1
+        ]
 
     def has_torch(process: psutil.Process) -> bool:
         return "libtorch_cpu" in Path(f"/proc/{process.pid}/maps").read_text()

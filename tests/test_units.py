@@ -264,7 +264,7 @@ def test_the_driver_and_the_controller_build_and_unpickle_a_run_without_torch() 
     fields = [f.name for f in dataclasses.fields(config)]
     assert fields == [f.name for f in dataclasses.fields(TorchConfig)] + ["unused_packages"]
     assert (
-        config.torch_config() == TorchConfig(backend="gloo")
+        TorchConfig(**config.to_dict()) == TorchConfig(backend="gloo")
         and config.to_dict() == TorchConfig(backend="gloo").to_dict()
     )
     arguments = {

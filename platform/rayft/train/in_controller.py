@@ -67,14 +67,7 @@ class TorchLater(BackendConfig):
         return TrainingFramework.TORCH
 
     def to_dict(self) -> dict[str, Any]:
-        return self._torch_fields()
-
-    def torch_config(self) -> Any:
-        from ray.train.torch import TorchConfig
-
-        return TorchConfig(**self._torch_fields())
-
-    def _torch_fields(self) -> dict[str, Any]:
+        """TorchConfig's fields (what Ray records of a run's backend)."""
         fields = asdict(self)
         del fields["unused_packages"]
         return fields
