@@ -291,21 +291,22 @@ def test_a_node_lost_and_back_mid_run_changes_nothing_but_the_time(
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-2000:]
 
     elastic = job_spec(tmp_path, tiny_llama, chat_data, "elastic", scaling={"num_workers": [1, 2], "resize_check_s": 5})
-    # While the node comes back (tens of seconds on a busy machine) no step ends, so the run is
-    # still going when it has joined, however long that took.
+    # The hold file stops the run at known steps (rayft.train.callbacks.StepThrottle): at step 5
+    # until node b is gone, and at step 12 until it is back (tens of seconds on a busy machine).
     hold = tmp_path / "hold"
+    hold.write_text("5")
     run = Output(
         ["train", str(elastic), "--no-compare", "--address", multinode.address],
-        multinode.env(RAYFT_TEST_STEP_SECONDS="1.5", RAYFT_TEST_HOLD_FILE=str(hold)),
+        multinode.env(RAYFT_TEST_HOLD_FILE=str(hold)),
     )
     try:
-        run.wait_for_step(5, timeout=300)
+        run.wait_for_step(4, timeout=300)
         lost = time.time()
         multinode.stop_node("b")
         run.wait_for("on 1 worker(s)", timeout=300)  # the run goes on without it
         back = time.time() - lost
-        run.wait_for_step(12, timeout=300)
-        hold.touch()
+        hold.write_text("12")
+        run.wait_for_step(11, timeout=300)
         held_at = len(run.lines)
         multinode.start_node("b")
         # ... grows back when it returns. The printer shows only the latest state each second, so a

@@ -274,3 +274,46 @@ def test_the_controller_sets_up_the_process_group_and_never_imports_torch(ray_cl
         assert seen["size"] == 2 and seen["sum"] == 3.0 and seen["rank"] == rank
         assert seen["RANK"] == str(rank) and seen["WORLD_SIZE"] == "2" and seen["LOCAL_RANK"] == str(rank)
     assert ranks[0]["MASTER_ADDR"] == ranks[1]["MASTER_ADDR"] and ranks[0]["MASTER_PORT"] == ranks[1]["MASTER_PORT"]
+
+
+def test_an_elastic_restart_leaves_out_a_lost_or_drained_node(ray_cluster: Any) -> None:
+    """After a failed attempt Ray's elastic policy sizes the new group by the nodes Ray lists as
+    alive. A lost node stays listed for a while after its workers became unreachable, a drained
+    one until its deadline, and a group sized for them waited 60 s for a placement group that
+    could not be placed (test_multinode times the whole recovery). rayft's policy leaves such a
+    node out: the node of an unreachable worker (found in the GCS by the worker's actor id), or
+    of a drain notice. A worker that died leaves its node in."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
+    from ray.train.v2.api.config import ScalingConfig
+    from ray.train.v2.api.exceptions import PreemptionError, WorkerGroupError
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    from rayft.train.in_controller import ElasticWithoutLostNodes
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    worker = Worker.remote()
+    here = ray.get(worker.node.remote())
+    elsewhere = "ab" * 28
+    free = {here: {"CPU": 1.0}, elsewhere: {"CPU": 1.0}}
+
+    def workers_after(error: Exception) -> int:
+        policy = ElasticWithoutLostNodes(ScalingConfig(num_workers=(1, 2)))
+        policy.after_controller_state_update(RunningState(), RestartingState(training_failed_error=error))
+        return policy._count_possible_workers(free)
+
+    def failed(failure: Exception) -> WorkerGroupError:
+        return WorkerGroupError("rank 1", {1: WorkerHealthCheckFailedError("health check", failure=failure)})
+
+    assert workers_after(failed(ActorUnavailableError("RpcError: failed to connect", worker._actor_id.binary()))) == 1
+    assert workers_after(failed(ActorDiedError())) == 2
+    notice = PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={elsewhere: [1]})
+    assert workers_after(PreemptionError(notice)) == 1
+    assert workers_after(failed(ActorUnavailableError("RpcError", None))) == 2  # no actor id: Ray's count
+    ray.kill(worker)

@@ -392,9 +392,10 @@ class InjectedHang(TrainerCallback):
 
 
 class StepThrottle(TrainerCallback):
-    """Sleeps after every optimizer step (RAYFT_TEST_STEP_SECONDS), and for as long as the file
-    `hold_file` exists (RAYFT_TEST_HOLD_FILE): the fault-tolerance tests use it to kill a worker at
-    a known point of a run that is otherwise over in a second, and to keep a run from finishing
+    """Sleeps after every optimizer step (RAYFT_TEST_STEP_SECONDS), and holds steps for as long
+    as the file `hold_file` exists (RAYFT_TEST_HOLD_FILE): every step, or, if the file names a
+    step, that one and the ones after it. The fault-tolerance tests use it to kill a worker at a
+    known point of a run that is otherwise over in a second, and to keep a run from finishing
     while a node takes its time to come back."""
 
     def __init__(self, seconds: float, hold_file: str | None = None):
@@ -402,8 +403,17 @@ class StepThrottle(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         time.sleep(self.seconds)
-        while self.hold_file and os.path.exists(self.hold_file):
+        while self._holds(state.global_step):
             time.sleep(0.2)
+
+    def _holds(self, step: int) -> bool:
+        try:
+            with open(self.hold_file or "") as held:
+                named = held.read().strip()
+        except FileNotFoundError:
+            return False
+        # a file caught half-written holds (empty, or the first digits of a larger step)
+        return not named.isdigit() or step >= int(named)
 
 
 class MetricsToTracker(TrainerCallback):

@@ -17,7 +17,9 @@ And its torch configuration is rayft.train.in_controller.TorchLater, so that the
 not import torch before it starts the workers. RayftTorchTrainer is TorchTrainer's data-parallel
 trainer with that configuration, built on DataParallelTrainer: `ray.train.torch` imports torch
 (2.3 CPU-s) in the driver, which never uses it. Everything else (the failure policy,
-checkpoints, callbacks, elastic resizing) is Ray Train's own.
+checkpoints, callbacks, elastic resizing) is Ray Train's own, but for one thing: an elastic
+run's new size leaves out a node that has just been lost or drained
+(rayft.train.in_controller.ElasticWithoutLostNodes).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from typing import Any
 
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, FixedScalingPolicy
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from rayft.env import embedded_ray
-from rayft.train.in_controller import FixedSizeWithoutAutoscaler, TorchLater
+from rayft.train.in_controller import ElasticWithoutLostNodes, FixedSizeWithoutAutoscaler, TorchLater
 
 
 def without_unused_helpers(
@@ -44,6 +46,8 @@ def without_unused_helpers(
     policy = controller_kwargs["scaling_policy"]
     if embedded and type(policy) is FixedScalingPolicy:  # an elastic one asks the coordinator what it holds
         policy = FixedSizeWithoutAutoscaler(policy.scaling_config)
+    elif type(policy) is ElasticScalingPolicy:
+        policy = ElasticWithoutLostNodes(policy.scaling_config)
     callbacks = [c for c in controller_kwargs["callbacks"] if not isinstance(c, unused)]
     return {**controller_kwargs, "callbacks": callbacks, "scaling_policy": policy}
 

@@ -19,11 +19,13 @@ from typing import Any
 import ray
 from ray._common.network_utils import build_address
 from ray._private.ray_constants import env_integer
-from ray.exceptions import GetTimeoutError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError
 from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
 from ray.train.constants import DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
-from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, FixedScalingPolicy
+from ray.train.v2._internal.util import time_monotonic
+from ray.train.v2.api.exceptions import PreemptionError
 
 from rayft.train.worker import import_training_loop
 
@@ -41,6 +43,62 @@ class FixedSizeWithoutAutoscaler(FixedScalingPolicy):
 
     def _cancel_resource_request(self) -> None:
         pass
+
+
+class ElasticWithoutLostNodes(ElasticScalingPolicy):
+    """Ray's elastic policy, less the nodes that a failed attempt showed to be lost or leaving.
+
+    When a node is lost, the health checks of its workers fail at once (the actor is
+    unavailable), but Ray marks the node dead only when its heartbeats have been missing for a
+    while (12 s here; more on a busy cluster). A drained node stays alive until its deadline.
+    Ray's policy decides the new size at once, counts such a node's CPUs, and the worker group
+    then waits 60 s for a placement group that cannot be placed
+    (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) before it tries again with what is left: 80 s from
+    a lost node to the next step (bench/results/recovery.md). This policy leaves such a node
+    out for LOST_FOR_S. By then Ray has marked a lost node dead; a node that was unreachable
+    for a moment counts again, and the periodic resize check grows the group back onto it.
+    """
+
+    LOST_FOR_S = 120.0
+
+    def __init__(self, scaling_config: Any):
+        super().__init__(scaling_config)
+        self._lost_since: dict[str, float] = {}  # node id -> when an attempt failed because of it
+
+    def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+        super().after_controller_state_update(previous_state, current_state)
+        # restarting, rescheduling and errored states carry the error
+        for node in nodes_lost_in(getattr(current_state, "training_failed_error", None)):
+            self._lost_since.setdefault(node, time_monotonic())
+
+    def _count_possible_workers(self, reserved_resources: Any) -> int:
+        now = time_monotonic()
+        self._lost_since = {node: since for node, since in self._lost_since.items() if now - since < self.LOST_FOR_S}
+        staying = {node: free for node, free in reserved_resources.items() if node not in self._lost_since}
+        return super()._count_possible_workers(staying)
+
+
+def nodes_lost_in(error: Exception | None) -> list[str]:
+    """The nodes a failed attempt showed to be lost (a worker there unreachable) or leaving (a
+    drain notice). A worker that died (killed, out of memory) leaves its node usable."""
+    if isinstance(error, PreemptionError):
+        return list(error.preemption_info.preempted_node_to_ranks)
+    nodes: list[str] = []
+    for failure in getattr(error, "worker_failures", {}).values():
+        unreachable = getattr(failure, "health_check_failure", None)
+        if isinstance(unreachable, ActorUnavailableError) and unreachable.actor_id:
+            nodes += filter(None, [_node_of_actor(unreachable.actor_id)])
+    return nodes
+
+
+def _node_of_actor(actor_id: str) -> str | None:
+    """The node an actor was placed on, from the GCS (it keeps dead actors' records)."""
+    from ray._private.state import actors
+
+    try:
+        return actors(actor_id)["Address"]["NodeID"] or None
+    except Exception:  # noqa: BLE001 - no record: the node then simply counts as Ray says
+        return None
 
 
 @dataclass

@@ -41,7 +41,7 @@ from rayft.train.services import WorkerServices
 from rayft.train.trainer import MeteredSFTTrainer, sft_config
 
 STEP_SECONDS_HOOK = "RAYFT_TEST_STEP_SECONDS"  # test hook: sleep after each step (CONTRIBUTING.md)
-HOLD_FILE_HOOK = "RAYFT_TEST_HOLD_FILE"  # test hook: no step ends while this file exists
+HOLD_FILE_HOOK = "RAYFT_TEST_HOLD_FILE"  # test hook: no step (or none from the one it names) ends while it exists
 HANG_AT_STEP_HOOK = "RAYFT_TEST_HANG_AT_STEP"  # test hook: the last rank hangs after that step
 
 
