@@ -213,6 +213,7 @@ def test_ray_train_controller_starts_only_the_helpers_a_run_uses(embedded: str |
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, create_scaling_policy
 
     from rayft.train.controller import RayftTorchTrainer, without_unused_helpers
+    from rayft.train.in_controller import ElasticWithoutLostNodes
 
     def kwargs(scaling: ScalingConfig) -> dict:
         trainer = RayftTorchTrainer(lambda: None, scaling_config=scaling, run_config=RunConfig(name="unit"))
@@ -232,11 +233,12 @@ def test_ray_train_controller_starts_only_the_helpers_a_run_uses(embedded: str |
     kept = without_unused_helpers(fixed, has_datasets=True, embedded=None)
     assert {type(c) for c in kept["callbacks"]} == kinds
 
+    # elastic resizing asks the coordinator what the cluster holds, less the nodes just lost
     elastic = kwargs(ScalingConfig(num_workers=(1, 2)))
-    assert (
-        without_unused_helpers(elastic, has_datasets=False, embedded="bare")["scaling_policy"]
-        is elastic["scaling_policy"]
-    )  # elastic resizing asks the coordinator what the cluster holds: never replaced
+    for where in (None, "bare"):
+        policy = without_unused_helpers(elastic, has_datasets=False, embedded=where)["scaling_policy"]
+        assert type(policy) is ElasticWithoutLostNodes
+        assert policy.scaling_config is elastic["scaling_policy"].scaling_config
 
 
 def test_the_driver_and_the_controller_build_and_unpickle_a_run_without_torch() -> None:

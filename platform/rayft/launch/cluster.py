@@ -3,6 +3,7 @@ submit`), or an embedded local instance sized to this machine."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from rayft.env import EMBEDDED_RAY_ENV, STORAGE_ENV, processes_inherit_environment
 from rayft.errors import ClusterError
+from rayft.launch.local_node import without_unused_processes
 from rayft.quiet import quiet_driver, quiet_env
 from rayft.spec.secrets import is_secret_name
 
@@ -106,15 +108,18 @@ def connect(
             os.environ[EMBEDDED_RAY_ENV] = "dashboard" if dashboard else "bare"
             if prestart:
                 os.environ["RAY_enable_worker_prestart"] = "1"  # noqa: SIM112 (Ray config names are lower case)
-            ray.init(
-                address="local",
-                num_cpus=num_cpus or os.cpu_count(),
-                include_dashboard=dashboard,
-                dashboard_port=port,
-                dashboard_host="127.0.0.1",
-                log_to_driver=verbose,
-                logging_level=logging.ERROR if not verbose else logging.INFO,
-            )
+            # A single run's instance starts without the head processes it never uses (local_node).
+            lean = contextlib.nullcontext() if dashboard else without_unused_processes(forwards_logs=verbose)
+            with lean:
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus or os.cpu_count(),
+                    include_dashboard=dashboard,
+                    dashboard_port=port,
+                    dashboard_host="127.0.0.1",
+                    log_to_driver=verbose,
+                    logging_level=logging.ERROR if not verbose else logging.INFO,
+                )
             processes_inherit_environment()  # its workers are children of this process
             where = "embedded local Ray"
     except Exception as exc:  # ConnectionError, AuthenticationError, RuntimeError, TimeoutError ...
