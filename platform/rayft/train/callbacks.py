@@ -407,8 +407,10 @@ class StepThrottle(TrainerCallback):
             time.sleep(0.2)
 
     def _holds(self, step: int) -> bool:
+        if not self.hold_file:
+            return False
         try:
-            with open(self.hold_file or "") as held:
+            with open(self.hold_file) as held:
                 named = held.read().strip()
         except FileNotFoundError:
             return False
