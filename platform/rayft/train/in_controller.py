@@ -69,7 +69,7 @@ class ElasticWithoutLostNodes(ElasticScalingPolicy):
         super().after_controller_state_update(previous_state, current_state)
         # restarting, rescheduling and errored states carry the error
         for node in nodes_lost_in(getattr(current_state, "training_failed_error", None)):
-            self._lost_since.setdefault(node, time_monotonic())
+            self._lost_since[node] = time_monotonic()  # a later failure there starts the window again
 
     def _count_possible_workers(self, reserved_resources: Any) -> int:
         now = time_monotonic()
