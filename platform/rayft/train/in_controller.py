@@ -73,8 +73,11 @@ class ElasticWithoutLostNodes(ElasticScalingPolicy):
 
     def _count_possible_workers(self, reserved_resources: Any) -> int:
         now = time_monotonic()
-        self._lost_since = {node: since for node, since in self._lost_since.items() if now - since < self.LOST_FOR_S}
-        staying = {node: free for node, free in reserved_resources.items() if node not in self._lost_since}
+        staying = {
+            node: free
+            for node, free in reserved_resources.items()
+            if now - self._lost_since.get(node, float("-inf")) >= self.LOST_FOR_S
+        }
         return super()._count_possible_workers(staying)
 
 
@@ -86,15 +89,18 @@ def nodes_lost_in(error: Exception | None) -> list[str]:
     nodes: list[str] = []
     for failure in getattr(error, "worker_failures", {}).values():
         unreachable = getattr(failure, "health_check_failure", None)
-        if isinstance(unreachable, ActorUnavailableError) and unreachable.actor_id:
-            nodes += filter(None, [_node_of_actor(unreachable.actor_id)])
+        node = _node_of_actor(unreachable.actor_id) if isinstance(unreachable, ActorUnavailableError) else None
+        if node:
+            nodes.append(node)
     return nodes
 
 
-def _node_of_actor(actor_id: str) -> str | None:
+def _node_of_actor(actor_id: str | None) -> str | None:
     """The node an actor was placed on, from the GCS (it keeps dead actors' records)."""
     from ray._private.state import actors
 
+    if not actor_id:
+        return None
     try:
         return actors(actor_id)["Address"]["NodeID"] or None
     except Exception:  # noqa: BLE001 - no record: the node then simply counts as Ray says
