@@ -295,31 +295,39 @@ def test_the_driver_and_the_controller_build_and_unpickle_a_run_without_torch() 
 
 def test_a_worker_skips_only_the_packages_its_run_never_calls() -> None:
     """PEFT imports bitsandbytes (and, through its torch.compile'd kernels, torch's inductor), TRL
-    imports wandb and transformers' Trainer scipy whenever they are installed: 3-4 CPU-s per
-    worker. A run that uses none of them goes without; QLoRA and bitsandbytes' optimizers keep
-    bitsandbytes, and LoRA still wraps the model in such a worker."""
+    imports wandb, transformers' Trainer scipy and accelerate deepspeed whenever they are
+    installed: 3-4 CPU-s per worker. A run that uses none of them goes without; QLoRA and
+    bitsandbytes' optimizers keep bitsandbytes, ZeRO keeps deepspeed, and LoRA still wraps the
+    model in such a worker."""
     from rayft.train.worker import packages_unused_by
 
     def unused(**spec: Any) -> tuple[str, ...]:
         base = {"model": {"path": "/m"}, "data": {"train": "/d.jsonl"}, "method": {"kind": "lora"}}
         return packages_unused_by(load_spec(data={**base, **spec}))
 
-    assert unused() == ("wandb", "scipy", "bitsandbytes")
-    assert unused(method={"kind": "full"}) == ("wandb", "scipy", "bitsandbytes")
-    assert unused(method={"kind": "qlora"}) == ("wandb", "scipy")
-    assert unused(train={"optimizer": "paged_adamw_8bit"}) == ("wandb", "scipy")
-    assert unused(train={"optimizer": "adamw_torch_fused"}) == ("wandb", "scipy", "bitsandbytes")
+    everything = ("wandb", "scipy", "bitsandbytes", "deepspeed")
+    assert unused() == everything
+    assert unused(method={"kind": "full"}) == everything
+    assert unused(method={"kind": "qlora"}) == ("wandb", "scipy", "deepspeed")
+    assert unused(train={"optimizer": "paged_adamw_8bit"}) == ("wandb", "scipy", "deepspeed")
+    assert unused(train={"optimizer": "adamw_torch_fused"}) == everything
+    assert unused(method={"kind": "lora", "deepspeed": "zero3"}) == ("wandb", "scipy", "bitsandbytes")
 
+    # accelerate's unwrap (the trainer calls it as it starts) asks for deepspeed only if installed
     code = (
-        "import json, sys; from rayft.train.worker import import_training_loop;"
-        "import_training_loop(('wandb', 'scipy', 'bitsandbytes'));"
-        "import peft, transformers, trl;"
+        "import gc, json, sys; from rayft.train.worker import import_training_loop;"
+        "import_training_loop(('wandb', 'scipy', 'bitsandbytes', 'deepspeed'));"
+        "import accelerate.utils, peft, transformers, trl;"
         "from rayft.train.recipe import SFTRecipe;"
         "config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,"
         " num_attention_heads=2, num_key_value_heads=2, vocab_size=64);"
         "lora = peft.LoraConfig(r=4, target_modules='all-linear');"
         "model = peft.get_peft_model(transformers.LlamaForCausalLM(config), lora);"
-        "print(json.dumps([model.get_nb_trainable_parameters()[0] > 0,"
-        " [n for n in ('bitsandbytes', 'wandb', 'scipy', 'torch._inductor.compile_fx') if sys.modules.get(n)]]))"
+        "unwrapped = accelerate.utils.extract_model_from_parallel(model) is model;"
+        "print(json.dumps([model.get_nb_trainable_parameters()[0] > 0, unwrapped,"
+        " [n for n in ('bitsandbytes', 'wandb', 'scipy', 'deepspeed', 'torch._inductor.compile_fx')"
+        "  if sys.modules.get(n)],"
+        " gc.isenabled(), gc.get_freeze_count() > 100_000]))"
     )
-    assert python_json(code) == [True, []]
+    # the collector is back on, and the imports' objects are out of its reach
+    assert python_json(code) == [True, True, [], True, True]
