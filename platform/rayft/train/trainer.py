@@ -16,17 +16,19 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from rayft.data.tokenize import IGNORE
 from rayft.spec import JobSpec, StepPlan
 from rayft.spec.schema import FLASH_ATTENTION
-from rayft.train.callbacks import SampleLog, TokenMeter
+from rayft.train.callbacks import CadenceOfThisRun, SampleLog, TokenMeter
 from rayft.train.deepspeed import deepspeed_config
 from rayft.train.fsdp import fsdp_config
 
 
 class MeteredSFTTrainer(SFTTrainer):
     """SFTTrainer that counts the tokens of every micro-batch it trains on (TokenMeter) and,
-    with run.log_samples, records which samples each optimizer step trained on (SampleLog)."""
+    with run.log_samples, records which samples each optimizer step trained on (SampleLog). A
+    resumed run keeps its own logging, evaluation and checkpoint cadence (CadenceOfThisRun)."""
 
     def __init__(self, *args: Any, meter: TokenMeter, sample_log: SampleLog | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.add_callback(CadenceOfThisRun())
         self.meter, self.sample_log = meter, sample_log
         self.eval_seconds = 0.0  # wall time spent evaluating, for the run summary
         self.save_seconds = 0.0  # ... and writing checkpoints locally (uploads: CheckpointReporter)
